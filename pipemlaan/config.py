@@ -1,0 +1,341 @@
+"""Typed configuration: dataclass defaults < TOML file < `--section.key=value` CLI overrides.
+
+Every field has a `help` string (shown by `python -m pipemlaan.train --help-config` and copied
+into the README's config reference). Validation runs at start-up on every rank, before any
+compute or file is written, and raises `ConfigError` with one line naming the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipemlaan.errors import ConfigError
+
+MODELS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+          "resnet34", "resnet101", "resnet152")
+METHODS = ("bp", "dgl", "infopro", "linear")
+DATASETS = ("fashion_mnist", "cifar10", "svhn", "stl10", "imagenet", "synthetic")
+MODES = ("lockstep", "async")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("resnet20", "backbone: CIFAR ResNets resnet8/14/20/32/44/56/110 (any 6n+2 "
+                   "depth as resnetD) or ImageNet resnet34/101/152")
+    K: int = _f(4, "number of local modules, paper numbering: K = blocks + 1 puts the stem in a "
+                "module of its own; smaller K merges the stem into the first module")
+    width: int = _f(16, "channels of the first CIFAR stage (16 in the paper); stages double it")
+
+
+@dataclass
+class MethodConfig:
+    name: str = _f("dgl", "bp (end-to-end backprop) or the independent head kind: dgl, infopro, "
+                   "linear")
+    mlm: bool = _f(True, "multilaminar local modules: cascaded windows of `window` modules")
+    window: int = _f(2, "modules per cascade window (MLM); 2 in the reference MLAAN code")
+    lam: bool = _f(True, "leap augmented modules: downstream block copies with an EMA twin")
+    ema_decay: float = _f(0.995, "EMA decay m of the twin: ema = m * ema + (1 - m) * live")
+    ema_only_last: bool = _f(False, "reproduce the reference CIFAR code: update only the last "
+                             "module's EMA twin each step (default: every twin)")
+    w_g: float = _f(0.001, "weight of the independent head loss when a window loss exists")
+    w_h: float = _f(0.999, "weight of the cascaded / leap head loss")
+    infopro_recon: list = _f([5.0, 0.0], "InfoPro reconstruction weight at the first and last "
+                             "module, linearly interpolated by depth")
+    infopro_ce: list = _f([0.5, 1.0], "InfoPro classification weight at the first and last module")
+    head_width: int = _f(0, "hidden width of dgl/infopro heads; 0 = twice the module's channels "
+                         "(at least 32)")
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("fashion_mnist", "fashion_mnist | cifar10 | svhn | stl10 | imagenet | "
+                   "synthetic")
+    root: str = _f("", "data folder; empty = the dataset's default (Fashion-MNIST: "
+                   "/usr/share/datasets/fashion-mnist, others: data/<name>)")
+    download: bool = _f(False, "let torchvision download CIFAR-10/SVHN/STL-10 into `root` when "
+                        "missing (needs internet)")
+    augment: bool = _f(True, "the reference training augmentation for the dataset")
+    train_subset: int = _f(0, "use only the first N training samples (0 = all)")
+    test_subset: int = _f(0, "use only the first N test samples (0 = all)")
+    synthetic_size: int = _f(2048, "training samples of the synthetic dataset")
+    synthetic_image: list = _f([3, 32, 32], "channels, height, width of synthetic images")
+    workers: int = _f(4, "loader processes for the ImageNet folder dataset")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(10, "training epochs")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0 = no limit)")
+    batch_size: int = _f(128, "images per step (every module takes one optimizer step per batch)")
+    lr: float = _f(0.1, "peak learning rate (after warm-up)")
+    warmup_epochs: float = _f(0.0, "linear warm-up from `warmup_lr` to `lr` over this many epochs")
+    warmup_lr: float = _f(0.01, "learning rate at the start of warm-up")
+    momentum: float = _f(0.9, "SGD momentum")
+    nesterov: bool = _f(True, "Nesterov momentum")
+    weight_decay: float = _f(1e-4, "SGD weight decay")
+    lr_mult_backbone: float = _f(1.0, "lr multiplier for backbone blocks (paper's eta_l)")
+    lr_mult_g: float = _f(1.0, "lr multiplier for independent heads g (paper's eta_alpha)")
+    lr_mult_h: float = _f(1.0, "lr multiplier for cascade / leap heads h (paper's eta_c)")
+    seed: int = _f(0, "seed of weights, data order and augmentation")
+    eval_every: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)")
+    device: str = _f("auto", "auto | cpu | cuda (auto: cuda when available)")
+    threads: int = _f(0, "torch CPU threads per rank (0 = leave torch's default)")
+    bf16: bool = _f(False, "bf16 autocast on CUDA")
+    channels_last: bool = _f(False, "channels-last memory format on CUDA")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("", "run name; empty = <dataset>-<model>-<method>")
+    dir: str = _f("runs", "parent folder of run directories")
+    resume: bool = _f(False, "continue from the last complete checkpoint in the run directory")
+    overwrite: bool = _f(False, "replace an existing run directory instead of refusing")
+    log_every: int = _f(20, "write a metrics.jsonl line every N steps")
+    checkpoint_every: int = _f(1, "write checkpoints every N epochs (and at the end)")
+    progress: bool = _f(True, "rich progress bar and live stage view on rank 0")
+
+
+@dataclass
+class PipelineConfig:
+    mode: str = _f("async", "lockstep (one batch in flight, equals the single-process run) or "
+                   "async (several in flight, throughput)")
+    partition: list = _f([], "modules per rank, e.g. [2, 2]; empty = balanced from measured cost")
+    microbatches: int = _f(2, "batches in flight per rank in async mode (>= 1)")
+    lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")
+    timeout_s: float = _f(120.0, "seconds any wait on a peer may take before the run stops "
+                          "with an error naming that peer")
+    backend: str = _f("auto", "auto | gloo | nccl (auto: nccl on CUDA, gloo on CPU)")
+
+
+SECTIONS = {
+    "model": ModelConfig, "method": MethodConfig, "data": DataConfig,
+    "train": TrainConfig, "run": RunConfig, "pipeline": PipelineConfig,
+}
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+
+    @property
+    def run_name(self) -> str:
+        if self.run.name:
+            return self.run.name
+        return f"{self.data.name}-{self.model.name}-{method_label(self.method)}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def method_label(m: MethodConfig) -> str:
+    """A short name for a method setting: bp, dgl, dgl+mlm, dgl+lam, dgl+mlaan, ..."""
+    if m.name == "bp":
+        return "bp"
+    extra = {(True, True): "+mlaan", (True, False): "+mlm", (False, True): "+lam"}
+    return m.name + extra.get((m.mlm, m.lam), "")
+
+
+def _coerce(value: Any, default: Any, where: str) -> Any:
+    """Converts a TOML or CLI value to the type of the field's default."""
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        if kind is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ConfigError(f"{where}={value!r}: expected true or false")
+        if kind is list:
+            try:
+                parsed = tomllib.loads(f"v = {text}")["v"] if text else []
+            except tomllib.TOMLDecodeError:
+                parsed = [p.strip() for p in text.split(",") if p.strip()]
+            value = parsed if isinstance(parsed, list) else [parsed]
+            return [_num(v) for v in value]
+        try:
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{where}={value!r}: expected a {kind.__name__}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}={value!r}: expected true or false")
+    if kind is list and not isinstance(value, list):
+        raise ConfigError(f"{where}={value!r}: expected a list such as [2, 2]")
+    if kind in (int, float, str) and not isinstance(value, kind):
+        raise ConfigError(f"{where}={value!r}: expected a {kind.__name__}")
+    return value
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, str):
+        for conv in (int, float):
+            try:
+                return conv(v)
+            except ValueError:
+                pass
+    return v
+
+
+def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    if section not in SECTIONS:
+        raise ConfigError(f"{origin}: unknown section [{section}]; sections are "
+                          f"{', '.join(SECTIONS)}")
+    sub = getattr(cfg, section)
+    names = [f.name for f in dataclasses.fields(sub)]
+    if key not in names:
+        raise ConfigError(f"{origin}: unknown key {section}.{key}; keys of [{section}] are "
+                          f"{', '.join(names)}")
+    setattr(sub, key, _coerce(value, getattr(sub, key), f"{section}.{key}"))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Builds a validated Config from an optional TOML file and `section.key=value` overrides."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; pass --config configs/<name>.toml "
+                              f"(see the configs/ folder)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: not valid TOML ({e}); fix the file") from None
+        for section, table in data.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{p}: top-level key {section!r} must be a [section] table")
+            for key, value in table.items():
+                _apply(cfg, section, key, value, str(p))
+    for item in overrides or []:
+        text = item[2:] if item.startswith("--") else item
+        if "=" not in text or "." not in text.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r}: write it as --section.key=value, "
+                              f"e.g. --train.epochs=2")
+        dotted, value = text.split("=", 1)
+        section, key = dotted.split(".", 1)
+        _apply(cfg, section, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no data or process group; raises ConfigError naming the fix."""
+    from pipemlaan.models import parse_model_name  # models validate their own names
+
+    m, meth, d, t, p = cfg.model, cfg.method, cfg.data, cfg.train, cfg.pipeline
+    parse_model_name(m.name)
+    if meth.name not in METHODS:
+        raise ConfigError(f"method.name={meth.name!r} is unknown; use one of {', '.join(METHODS)}")
+    if d.name not in DATASETS:
+        raise ConfigError(f"data.name={d.name!r} is unknown; use one of {', '.join(DATASETS)}")
+    if p.mode not in MODES:
+        raise ConfigError(f"pipeline.mode={p.mode!r} is unknown; use lockstep or async")
+    if p.backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"pipeline.backend={p.backend!r} is unknown; use auto, gloo or nccl")
+    if t.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError(f"train.device={t.device!r} is unknown; use auto, cpu or cuda")
+    if m.K < 1:
+        raise ConfigError(f"model.K={m.K}: needs at least 1 local module")
+    if meth.window < 1:
+        raise ConfigError(f"method.window={meth.window}: a cascade window holds at least 1 module")
+    if meth.mlm and meth.window > m.K and meth.name != "bp":
+        raise ConfigError(f"method.window={meth.window} is larger than model.K={m.K}; lower "
+                          f"method.window or raise model.K")
+    if not 0.0 <= meth.ema_decay <= 1.0:
+        raise ConfigError(f"method.ema_decay={meth.ema_decay}: must lie in [0, 1]")
+    if len(meth.infopro_recon) != 2 or len(meth.infopro_ce) != 2:
+        raise ConfigError("method.infopro_recon and method.infopro_ce take two numbers: "
+                          "[first module, last module]")
+    if len(d.synthetic_image) != 3:
+        raise ConfigError("data.synthetic_image takes [channels, height, width]")
+    if t.batch_size < 1:
+        raise ConfigError(f"train.batch_size={t.batch_size}: must be at least 1")
+    if t.epochs < 1:
+        raise ConfigError(f"train.epochs={t.epochs}: must be at least 1")
+    if t.max_steps < 0:
+        raise ConfigError(f"train.max_steps={t.max_steps}: use 0 for no limit")
+    if t.lr <= 0:
+        raise ConfigError(f"train.lr={t.lr}: must be positive")
+    if p.microbatches < 1:
+        raise ConfigError(f"pipeline.microbatches={p.microbatches}: must be at least 1")
+    if p.lam_sync_every < 1:
+        raise ConfigError(f"pipeline.lam_sync_every={p.lam_sync_every}: must be at least 1")
+    if p.timeout_s <= 0:
+        raise ConfigError(f"pipeline.timeout_s={p.timeout_s}: must be positive")
+    if any((not isinstance(n, int)) or n < 1 for n in p.partition):
+        raise ConfigError(f"pipeline.partition={p.partition}: give a positive module count per "
+                          f"rank, e.g. [2, 2]")
+    if p.partition and sum(p.partition) != (1 if meth.name == "bp" else m.K):
+        raise ConfigError(f"pipeline.partition={p.partition} sums to {sum(p.partition)} but "
+                          f"model.K={m.K}; make the counts add up to K")
+    if cfg.run.log_every < 1 or cfg.run.checkpoint_every < 1 or t.eval_every < 1:
+        raise ConfigError("run.log_every, run.checkpoint_every and train.eval_every must be >= 1")
+
+
+def validate_world(cfg: Config, world_size: int, num_modules: int) -> None:
+    """Checks that depend on the number of ranks."""
+    if cfg.method.name == "bp" and world_size > 1:
+        raise ConfigError("method.name=bp trains one end-to-end module and runs on one rank; "
+                          "launch it without torchrun (or --nproc_per_node=1)")
+    if world_size > num_modules:
+        raise ConfigError(f"{world_size} ranks but only model.K={num_modules} local modules; "
+                          f"use at most {num_modules} ranks or raise model.K")
+    part = cfg.pipeline.partition
+    if part and len(part) != world_size:
+        raise ConfigError(f"pipeline.partition={part} has {len(part)} entries but the world has "
+                          f"{world_size} ranks; give one count per rank or leave it empty")
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialises the resolved config (every key, every section) as TOML."""
+    lines = []
+    for section, sub in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in sub.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def describe() -> str:
+    """The config reference as Markdown (used by --help-config and the README)."""
+    out = []
+    for section, cls in SECTIONS.items():
+        out.append(f"### [{section}]\n\n| key | default | meaning |\n|---|---|---|")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            out.append(f"| `{section}.{f.name}` | `{_toml_value(default)}` | {f.metadata['help']} |")
+        out.append("")
+    return "\n".join(out)

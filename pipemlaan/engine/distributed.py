@@ -1,0 +1,93 @@
+"""Process-group set-up and teardown, and the few collectives the trainer needs.
+
+Works alone (world size 1, no process group) and under torchrun (reads RANK, WORLD_SIZE,
+LOCAL_RANK). NCCL on CUDA, gloo on CPU, unless pipeline.backend says otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pipemlaan.config import Config
+from pipemlaan.errors import ConfigError, PipemlaanError
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def init_distributed(cfg: Config) -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is visible; use "
+                          "--train.device=cpu")
+    use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    backend = None
+    if world > 1:
+        backend = cfg.pipeline.backend
+        if backend == "auto":
+            backend = "nccl" if use_cuda else "gloo"
+        if backend == "nccl" and not use_cuda:
+            raise ConfigError("pipeline.backend=nccl needs CUDA devices; use gloo on CPU")
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.pipeline.timeout_s),
+                                device_id=device if use_cuda else None)
+    return DistEnv(rank, world, local_rank, device, backend)
+
+
+def cleanup(env: DistEnv) -> None:
+    if env.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_all(env: DistEnv, obj):
+    """Every rank's `obj`, in rank order, on every rank."""
+    if not env.distributed:
+        return [obj]
+    out = [None] * env.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(env: DistEnv, obj, src: int = 0):
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def agree(env: DistEnv, error: PipemlaanError | None) -> None:
+    """Start-up checks are collective: if any rank failed one, every rank raises it, so no
+    rank is left waiting for a peer that has already given up."""
+    errors = gather_all(env, None if error is None else (type(error).__name__, str(error)))
+    for r, e in enumerate(errors):
+        if e is not None:
+            if error is not None:
+                raise error
+            cls = {c.__name__: c for c in PipemlaanError.__subclasses__()}.get(e[0],
+                                                                                PipemlaanError)
+            raise cls(f"rank {r}: {e[1]}")

@@ -1,0 +1,96 @@
+"""Which contiguous run of local modules each rank owns.
+
+The balanced partition minimises the cost of the slowest stage (the pipeline's throughput is
+set by it) under the constraint that every rank owns at least `min_per_rank` modules (a cascade
+window may then cross at most one rank boundary). Costs come from timing each module's full
+training work (body forward, heads forward and backward, body backward) on a small batch on
+rank 0, which then broadcasts them so every rank computes the same partition.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from pipemlaan.errors import ConfigError
+from pipemlaan.local.module import LocalModule
+
+
+def balanced_partition(costs: list[float], ranks: int, min_per_rank: int = 1) -> list[int]:
+    """Module counts per rank minimising the largest stage cost (exact dynamic programme)."""
+    K = len(costs)
+    if ranks * min_per_rank > K:
+        raise ConfigError(f"{ranks} ranks need at least {ranks * min_per_rank} local modules "
+                          f"(each rank owns >= {min_per_rank} because of method.window), but "
+                          f"model.K={K}; use fewer ranks, a smaller window or a larger K")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    INF = float("inf")
+    # best[r][k]: minimal bottleneck for the first k modules on r ranks
+    best = [[INF] * (K + 1) for _ in range(ranks + 1)]
+    cut = [[0] * (K + 1) for _ in range(ranks + 1)]
+    best[0][0] = 0.0
+    for r in range(1, ranks + 1):
+        for k in range(r * min_per_rank, K + 1):
+            for j in range((r - 1) * min_per_rank, k - min_per_rank + 1):
+                v = max(best[r - 1][j], prefix[k] - prefix[j])
+                if v < best[r][k] - 1e-12:
+                    best[r][k], cut[r][k] = v, j
+    counts, k = [], K
+    for r in range(ranks, 0, -1):
+        j = cut[r][k]
+        counts.append(k - j)
+        k = j
+    return counts[::-1]
+
+
+def check_partition(counts: list[int], min_per_rank: int) -> None:
+    for r, n in enumerate(counts):
+        if n < min_per_rank:
+            raise ConfigError(f"pipeline.partition gives rank {r} {n} module(s) but "
+                              f"method.window needs at least {min_per_rank} per rank; move "
+                              f"modules to it or lower method.window")
+
+
+def measure_costs(modules: list[LocalModule], example: torch.Tensor, labels: torch.Tensor,
+                  repeats: int = 2) -> list[float]:
+    """Seconds of one training pass per module (median of `repeats`, after one warm-up).
+    Weights, BN statistics and gradients are restored afterwards, so profiling never changes
+    the run."""
+    costs, x = [], example
+    for mod in modules:
+        saved = {k: v.clone() for k, v in mod.state_dict().items()}
+        times = []
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            inp = x.detach().requires_grad_(True)
+            out = mod.body(inp)
+            loss = out.float().mean()
+            for head in (mod.g, mod.h):
+                if head is not None:
+                    loss = loss + head(out, labels, example)[0]
+            loss.backward()
+            if out.is_cuda:
+                torch.cuda.synchronize()
+            if i:
+                times.append(time.perf_counter() - t0)
+        mod.zero_grad(set_to_none=True)
+        mod.load_state_dict(saved)
+        costs.append(sorted(times)[len(times) // 2])
+        x = out.detach()
+    return costs
+
+
+def describe(counts: list[int], costs: list[float]) -> str:
+    lines, start = [], 0
+    stage_costs = []
+    for r, n in enumerate(counts):
+        c = sum(costs[start:start + n])
+        stage_costs.append(c)
+        lines.append(f"  rank {r}: modules {start}-{start + n - 1} ({c * 1e3:.1f} ms/step)")
+        start += n
+    balance = (sum(stage_costs) / len(stage_costs)) / max(stage_costs)
+    return ("partition " + str(counts) + f", predicted balance {balance:.0%} "
+            "(mean stage / slowest stage)\n" + "\n".join(lines))

@@ -1,0 +1,199 @@
+"""A stage: the contiguous run of local modules one rank owns, and the one order of a step.
+
+The single-process trainer is a stage that owns every module; a pipeline rank is a stage that
+owns some. Both run exactly this code, which is why lockstep pipelines equal the single
+process (see [Note: step order]).
+
+[Note: step order] For batch t, modules are visited in increasing index k:
+  1. forward the body on the detached input (a leaf that needs grad only if some window's
+     gradient goes on past module k);
+  2. heads g_k and h_k run on detached copies of the output; their objective is back-propagated
+     at once, the head parameters take their optimizer step (lr of step t), and the gradients at
+     the two copies are kept: g's as module k's own, h's as window k's;
+  3. a window gradient arriving at module k (its own window k, or window j > k pulled back from
+     module k+1, possibly from the next rank) is pulled back through module k's body to its
+     input at once (retain_graph) when the window goes on past k; the result arrives at k-1;
+  4. when every window covering module k has arrived, module k finalises: the body is
+     back-propagated with (g gradient + window gradients in increasing window index), the body
+     takes its optimizer step (lr of step t) and the graph is freed.
+The sums are taken in a fixed order, never in arrival order, so a pipeline that delivers
+window gradients later gives bit-identical results. EMA twins move at the start of a step
+(engine/lam.py), before any forward.
+
+In async mode a module whose windows end on a later rank finalises batch t only after the
+next batches went through its forward. Those modules run their body on a clone of their
+parameters ("weight stashing"), so the optimizer's in-place steps never touch a graph that
+is still waiting for its backward.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import functional_call
+
+from pipemlaan.config import Config
+from pipemlaan.errors import PipemlaanError
+from pipemlaan.local.module import LocalModule, WindowPlan, make_optimizer
+
+
+class NonFiniteLoss(PipemlaanError):
+    """A module's loss became NaN or Inf."""
+
+
+@dataclass
+class _Pending:
+    step: int
+    lr: float
+    inp: torch.Tensor
+    out: torch.Tensor
+    g_grad: torch.Tensor | None = None
+    windows: dict[int, torch.Tensor] = field(default_factory=dict)
+
+
+class Stage:
+    def __init__(self, cfg: Config, modules: list[LocalModule], plan: WindowPlan,
+                 device: torch.device, stash: bool = False, saved_tracker=None):
+        self.cfg = cfg
+        self.plan = plan
+        self.device = device
+        self.modules = {m.index: m for m in modules}
+        self.indices = [m.index for m in modules]
+        self.first, self.last = self.indices[0], self.indices[-1]
+        self.optimizers = {m.index: make_optimizer(m, cfg) for m in modules}
+        # windows this stage must receive from the next rank / send to the previous one
+        self.from_next = [j for j in plan.covering(self.last) if j > self.last]
+        self.to_prev = ([j for j in plan.covering(self.first - 1) if j >= self.first]
+                        if self.first > 0 else [])
+        self.stashed = {k for k in self.indices
+                        if stash and any(j > self.last for j in plan.covering(k))}
+        self.pending: dict[tuple[int, int], _Pending] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+        self.tracker = saved_tracker
+        self._upstream: dict[int, torch.Tensor] = {}
+        on_cuda = device.type == "cuda"
+        self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
+                          if on_cuda and cfg.train.bf16 else nullcontext())
+        self._channels_last = on_cuda and cfg.train.channels_last
+
+    # ---- training -------------------------------------------------------------------------
+    def forward_batch(self, step: int, lr: float, x: torch.Tensor, labels: torch.Tensor,
+                      images: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Runs batch `step` through every owned module (steps 1-4 of the note). Returns the
+        boundary activation for the next rank and the window gradients for the previous one."""
+        self._upstream = {}
+        track = self.tracker.track() if self.tracker else nullcontext()
+        with track:
+            for k in self.indices:
+                x = self._forward_module(k, step, lr, x, labels, images)
+        missing = [j for j in self.to_prev if j not in self._upstream]
+        assert not missing, f"windows {missing} did not reach module {self.first}"
+        return x.detach(), [self._upstream.pop(j) for j in self.to_prev]
+
+    def receive_grads(self, step: int, grads: list[torch.Tensor]) -> None:
+        """Window gradients from the next rank for batch `step`, at our last module's output."""
+        for j, g in zip(self.from_next, grads):
+            self._arrive(step, self.last, j, g)
+
+    def unfinished(self) -> list[int]:
+        """Batches some module is still waiting on (oldest first)."""
+        return sorted({t for t, _ in self.pending})
+
+    def _forward_module(self, k: int, step: int, lr: float, x: torch.Tensor,
+                        labels: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        mod = self.modules[k]
+        inp = x.detach()
+        if self._channels_last:
+            inp = inp.contiguous(memory_format=torch.channels_last)
+        if self.plan.needs_input_grad(k):
+            inp.requires_grad_(True)
+        with torch.profiler.record_function(f"module {k} forward"), self._autocast:
+            if k in self.stashed:
+                params = {n: p.clone() for n, p in mod.body.named_parameters()}
+                out = functional_call(mod.body, params, (inp,))
+            else:
+                out = mod.body(inp)
+        pend = _Pending(step, lr, inp, out)
+        self.pending[(step, k)] = pend
+
+        loss, zg, zh = None, None, None
+        with torch.profiler.record_function(f"module {k} heads"), self._autocast:
+            if mod.g is not None:
+                zg = out.detach().requires_grad_(True)
+                lg, _ = mod.g(zg, labels, images)
+                loss = lg
+            if mod.h is not None:
+                zh = out.detach().requires_grad_(True)
+                lh, _ = mod.h(zh, labels, images)
+                m = self.cfg.method
+                loss = lh if loss is None else m.w_g * loss + m.w_h * lh
+        if not torch.isfinite(loss.detach()).all():
+            raise NonFiniteLoss(f"module {k} loss is {loss.item()} at step {step}")
+        loss.backward()
+        self.losses[k] = loss.detach()
+        self._step(k, lr)   # head parameters only: the body has no gradient yet
+        if zg is not None:
+            pend.g_grad = zg.grad
+        if zh is not None:
+            self._arrive(step, k, k, zh.grad)
+        else:
+            self._maybe_finalize(step, k)
+        return out
+
+    def _arrive(self, step: int, k: int, j: int, grad: torch.Tensor) -> None:
+        pend = self.pending[(step, k)]
+        pend.windows[j] = grad
+        if self.plan.continues_past(j, k):
+            with torch.profiler.record_function(f"module {k} window {j} backward"):
+                (back,) = torch.autograd.grad(pend.out, pend.inp, grad, retain_graph=True)
+            if k - 1 in self.modules:
+                self._arrive(step, k - 1, j, back)
+            else:
+                self._upstream[j] = back
+        self._maybe_finalize(step, k)
+
+    def _maybe_finalize(self, step: int, k: int) -> None:
+        pend = self.pending.get((step, k))
+        if pend is None or set(pend.windows) != set(self.plan.covering(k)):
+            return
+        total = pend.g_grad
+        for j in sorted(pend.windows):
+            total = pend.windows[j] if total is None else total + pend.windows[j]
+        params = [p for p in self.modules[k].body.parameters() if p.requires_grad]
+        with torch.profiler.record_function(f"module {k} backward"):
+            torch.autograd.backward(pend.out, total, inputs=params)
+        self._step(k, pend.lr)
+        del self.pending[(step, k)]
+
+    def _step(self, k: int, lr: float) -> None:
+        opt = self.optimizers[k]
+        for group in opt.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # ---- evaluation ------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_batch(self, x: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, dict[int, list[int]]]:
+        """Forward in eval mode. Returns the boundary activation and, per owned module, the
+        [top-1 correct, top-5 correct] counts of its report head (h if it has one, else g)."""
+        counts = {}
+        with self._autocast:
+            for k in self.indices:
+                mod = self.modules[k]
+                x = mod.body(x)
+                head = mod.h if mod.h is not None else mod.g
+                _, logits = head(x, labels, images)
+                top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
+                hit = top == labels[:, None]
+                counts[k] = [int(hit[:, 0].sum()), int(hit.any(dim=1).sum())]
+        return x, counts
+
+    def train(self, mode: bool = True) -> None:
+        for m in self.modules.values():
+            m.train(mode)
+            if m.twin is not None:
+                m.twin.train(mode)

@@ -1,0 +1,331 @@
+"""Tests of pipemlaan.data: IDX parsing, file checks, batch order, augmentation, synthetic data.
+
+Run: .venv/bin/python -m pytest tests/test_data.py
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipemlaan.config import DataConfig
+from pipemlaan.data import (DatasetSpec, FolderSplit, TensorSplit, dataset_spec, load_datasets,
+                            validate_data)
+from pipemlaan.errors import ConfigError, DataError
+
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+
+
+def write_idx(path: Path, magic: int, array: np.ndarray, compress: bool = True) -> None:
+    dims = array.shape if magic == 2051 else (len(array),)
+    raw = struct.pack(f">I{len(dims)}I", magic, *dims) + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if compress else raw)
+
+
+def make_fashion(root: Path, n_train: int = 40, n_test: int = 20, compress: bool = True):
+    """Writes the four Fashion-MNIST IDX files; returns (train images, train labels, test ...)."""
+    rng = np.random.default_rng(0)
+    sets = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        suffix = ".gz" if compress else ""
+        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", 2051, images, compress)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", 2049, labels, compress)
+        sets[prefix] = (images, labels)
+    return sets
+
+
+def ids_split(n: int = 50, c: int = 2, side: int = 8, augment: str | None = None,
+              pad: int = 2, seed: int = 0) -> TensorSplit:
+    """A TensorSplit of random uint8 images whose label is the sample's index."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, c, side, side), dtype=torch.uint8, generator=gen)
+    spec = DatasetSpec("test", c, (side, side), n, (0.5,) * c, (0.25,) * c)
+    return TensorSplit(images, torch.arange(n), spec, augment, "cpu", pad=pad)
+
+
+def normalised(split: TensorSplit) -> torch.Tensor:
+    return (split.images.float() / 255 - 0.5) / 0.25
+
+
+# ------------------------------------------------------------------------- IDX and file checks
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_idx_round_trip(tmp_path, compress):
+    sets = make_fashion(tmp_path, compress=compress)
+    cfg = DataConfig(name="fashion_mnist", root=str(tmp_path), augment=False)
+    train, test, spec = load_datasets(cfg)
+    assert spec == dataset_spec(cfg)
+    assert (spec.in_channels, spec.image_size, spec.num_classes) == (1, (28, 28), 10)
+    assert (train.num_samples, test.num_samples) == (40, 20)
+
+    x, y = next(train.batches(40, epoch=0, seed=0, train=False))
+    assert x.shape == (40, 1, 28, 28) and x.dtype == torch.float32
+    assert y.dtype == torch.int64
+    images, labels = sets["train"]
+    assert torch.equal(y, torch.from_numpy(labels.astype(np.int64)))
+    p = int(images[3, 5, 7])
+    assert x[3, 0, 5, 7].item() == pytest.approx((p / 255 - FASHION_MEAN) / FASHION_STD, abs=1e-5)
+    expected = (torch.from_numpy(images).float() / 255 - FASHION_MEAN) / FASHION_STD
+    torch.testing.assert_close(x[:, 0], expected)
+
+    xt, yt = next(test.batches(20, epoch=0, seed=0, train=False))
+    assert xt.shape == (20, 1, 28, 28)
+    assert torch.equal(yt, torch.from_numpy(sets["t10k"][1].astype(np.int64)))
+
+
+def test_subsets_keep_the_first_samples(tmp_path):
+    sets = make_fashion(tmp_path)
+    cfg = DataConfig(name="fashion_mnist", root=str(tmp_path), train_subset=12, test_subset=5)
+    train, test, _ = load_datasets(cfg)
+    assert (train.num_samples, test.num_samples) == (12, 5)
+    assert torch.equal(train.labels, torch.from_numpy(sets["train"][1][:12].astype(np.int64)))
+
+
+def test_validate_missing_fashion_folder(tmp_path):
+    cfg = DataConfig(name="fashion_mnist", root=str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="data.root") as err:
+        validate_data(cfg)
+    assert "apt-get install dataset-fashion-mnist" in str(err.value)
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
+        load_datasets(cfg)
+
+
+def test_validate_missing_file(tmp_path):
+    make_fashion(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="data.root.*t10k-labels-idx1-ubyte"):
+        validate_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+
+
+def test_validate_wrong_magic(tmp_path):
+    make_fashion(tmp_path)
+    # A label file where an image file belongs.
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", 2049, np.zeros(40, np.uint8))
+    with pytest.raises(DataError, match="magic number 2049.*data.root"):
+        validate_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+
+
+def test_validate_mismatched_counts(tmp_path):
+    make_fashion(tmp_path)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 2049, np.zeros(19, np.uint8))
+    with pytest.raises(DataError, match="20 images but 19 labels") as err:
+        validate_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+    assert "data.root" in str(err.value)
+
+
+def test_validate_wrong_image_size(tmp_path):
+    make_fashion(tmp_path)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", 2051, np.zeros((40, 32, 32), np.uint8))
+    with pytest.raises(DataError, match=r"\(32, 32\).*data.root"):
+        validate_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+
+
+def test_validate_truncated_file(tmp_path):
+    make_fashion(tmp_path, compress=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(DataError, match="truncated.*data.root"):
+        validate_data(DataConfig(name="fashion_mnist", root=str(tmp_path)))
+
+
+@pytest.mark.parametrize("name", ["cifar10", "stl10"])
+def test_missing_torchvision_dataset(tmp_path, name):
+    cfg = DataConfig(name=name, root=str(tmp_path))
+    with pytest.raises(DataError, match="data.root.*data.download=true"):
+        validate_data(cfg)
+    with pytest.raises(DataError, match="data.download=true"):
+        load_datasets(cfg)
+
+
+def test_missing_imagenet_folders(tmp_path):
+    (tmp_path / "train").mkdir()
+    with pytest.raises(DataError, match="data.root.*val/") as err:
+        validate_data(DataConfig(name="imagenet", root=str(tmp_path)))
+    assert "train/" in str(err.value)
+
+
+def test_specs_and_unknown_name():
+    cifar = dataset_spec(DataConfig(name="cifar10"))
+    assert (cifar.in_channels, cifar.image_size, cifar.mean) == (3, (32, 32),
+                                                                 (0.4914, 0.4822, 0.4465))
+    assert dataset_spec(DataConfig(name="stl10")).image_size == (96, 96)
+    imagenet = dataset_spec(DataConfig(name="imagenet"))
+    assert (imagenet.num_classes, imagenet.image_size) == (1000, (224, 224))
+    synthetic = dataset_spec(DataConfig(name="synthetic", synthetic_image=[2, 12, 10]))
+    assert (synthetic.name, synthetic.in_channels, synthetic.image_size) == ("synthetic", 2,
+                                                                            (12, 10))
+    with pytest.raises(ConfigError, match="data.name"):
+        dataset_spec(DataConfig(name="mnist"))
+
+
+# ------------------------------------------------------------------------------------ batches
+
+
+def train_ids(split: TensorSplit, bs: int, epoch: int, seed: int = 0, start: int = 0):
+    return [y.tolist() for _, y in split.batches(bs, epoch=epoch, seed=seed, train=True,
+                                                  start=start)]
+
+
+def test_train_batches_are_a_permutation():
+    split = ids_split(n=50)
+    assert split.num_batches(8, drop_last=True) == 6
+    assert split.num_batches(8, drop_last=False) == 7
+    batches = train_ids(split, 8, epoch=0)
+    assert len(batches) == 6 and all(len(b) == 8 for b in batches)
+    seen = [i for b in batches for i in b]
+    assert len(set(seen)) == 48
+    assert seen != sorted(seen)  # shuffled
+
+
+def test_train_order_depends_on_seed_and_epoch_only():
+    split = ids_split(n=50)
+    assert train_ids(split, 8, epoch=0) == train_ids(split, 8, epoch=0)
+    assert train_ids(split, 8, epoch=0) != train_ids(split, 8, epoch=1)
+    assert train_ids(split, 8, epoch=0, seed=0) != train_ids(split, 8, epoch=0, seed=1)
+    # A second split holding the same data follows the same order.
+    assert train_ids(ids_split(n=50), 8, epoch=3) == train_ids(split, 8, epoch=3)
+
+
+@pytest.mark.parametrize("augment", [None, "crop_flip"])
+def test_start_resumes_with_identical_batches(augment):
+    split = ids_split(n=50, augment=augment)
+    full = list(split.batches(8, epoch=2, seed=5, train=True))
+    for b in (1, 4, 5):
+        resumed = list(split.batches(8, epoch=2, seed=5, train=True, start=b))
+        assert len(resumed) == len(full) - b
+        for (x, y), (xr, yr) in zip(full[b:], resumed):
+            assert torch.equal(y, yr) and torch.equal(x, xr)
+    assert list(split.batches(8, epoch=2, seed=5, train=True, start=6)) == []
+
+
+def test_test_batches_are_fixed_and_complete():
+    split = ids_split(n=50, augment="crop_flip")
+    first = list(split.batches(8, epoch=0, seed=0, train=False))
+    other = list(split.batches(8, epoch=7, seed=3, train=False))
+    assert [len(y) for _, y in first] == [8] * 6 + [2]
+    assert torch.equal(torch.cat([y for _, y in first]), torch.arange(50))
+    for (x, y), (xo, yo) in zip(first, other):
+        assert torch.equal(x, xo) and torch.equal(y, yo)
+    # No augmentation on the test path: the batch is exactly the normalised source.
+    torch.testing.assert_close(torch.cat([x for x, _ in first]), normalised(split))
+
+
+# ------------------------------------------------------------------------------- augmentation
+
+
+def windows(image: np.ndarray, pad: int) -> list[tuple[bool, np.ndarray]]:
+    """Every (flipped?, crop) the augmentation may produce from `image` (C, H, W)."""
+    c, h, w = image.shape
+    padded = np.pad(image, ((0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    out = []
+    for dy in range(2 * pad + 1):
+        for dx in range(2 * pad + 1):
+            crop = padded[:, dy:dy + h, dx:dx + w]
+            out += [(False, crop), (True, crop[:, :, ::-1])]
+    return out
+
+
+def match(split: TensorSplit, x: torch.Tensor, y: torch.Tensor) -> list[tuple[bool, bool]]:
+    """(flipped?, changed?) of each augmented sample, asserting it is a window of its source."""
+    source = normalised(split).numpy()
+    found = []
+    for img, i in zip(x.numpy(), y.tolist()):
+        flips = [flip for flip, crop in windows(source[i], split.pad)
+                 if np.allclose(img, crop, atol=1e-5)]
+        assert flips, f"sample {i} is not a crop of its reflect-padded source"
+        found.append((flips[0], not np.allclose(img, source[i], atol=1e-5)))
+    return found
+
+
+def test_no_augmentation_returns_the_normalised_source():
+    split = ids_split(n=32, augment=None)
+    x, y = next(split.batches(32, epoch=0, seed=0, train=True))
+    torch.testing.assert_close(x, normalised(split)[y])
+
+
+def test_crop_flip_draws_pixels_from_the_padded_source():
+    split = ids_split(n=64, augment="crop_flip", pad=2)
+    x, y = next(split.batches(64, epoch=1, seed=0, train=True))
+    assert x.shape == (64, 2, 8, 8) and x.dtype == torch.float32
+    found = match(split, x, y)
+    assert any(flip for flip, _ in found), "crop_flip never flipped"
+    assert not all(flip for flip, _ in found), "crop_flip always flipped"
+    assert sum(changed for _, changed in found) > 32, "crop_flip left most samples unchanged"
+
+
+def test_crop_never_flips():
+    # Random images are asymmetric, so a mirrored sample cannot match an unflipped window.
+    split = ids_split(n=64, augment="crop", pad=2)
+    for b, (x, y) in enumerate(split.batches(32, epoch=0, seed=1, train=True)):
+        assert x.shape == (32, 2, 8, 8)
+        source = normalised(split).numpy()
+        for img, i in zip(x.numpy(), y.tolist()):
+            assert any(np.allclose(img, crop, atol=1e-5)
+                       for flip, crop in windows(source[i], 2) if not flip), \
+                f"batch {b}: sample {i} is not an unflipped crop"
+
+
+def test_fashion_mnist_augmentation_is_on_for_training_only(tmp_path):
+    make_fashion(tmp_path)
+    cfg = DataConfig(name="fashion_mnist", root=str(tmp_path))
+    train, test, _ = load_datasets(cfg)
+    assert (train.augment, train.pad, test.augment) == ("crop_flip", 2, None)
+    plain = load_datasets(DataConfig(name="fashion_mnist", root=str(tmp_path),
+                                     augment=False))[0]
+    assert plain.augment is None
+
+
+# ---------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_is_deterministic_and_separable():
+    cfg = DataConfig(name="synthetic", synthetic_size=400, synthetic_image=[3, 16, 16])
+    train, test, spec = load_datasets(cfg)
+    again, again_test, _ = load_datasets(cfg)
+    assert torch.equal(train.images, again.images) and torch.equal(train.labels, again.labels)
+    assert torch.equal(test.images, again_test.images)
+    assert (train.num_samples, test.num_samples) == (400, 256)
+    assert (spec.in_channels, spec.image_size, spec.num_classes) == (3, (16, 16), 10)
+    assert train.augment is None
+
+    x, y = next(train.batches(400, epoch=0, seed=0, train=False))
+    assert x.shape == (400, 3, 16, 16) and x.dtype == torch.float32
+    assert abs(x.mean().item()) < 0.1 and abs(x.std().item() - 1) < 0.1
+    means = torch.stack([x[y == k].mean(0) for k in range(10)])
+    xt, yt = next(test.batches(test.num_samples, epoch=0, seed=0, train=False))
+    pred = ((xt[:, None] - means[None]) ** 2).sum(dim=(2, 3, 4)).argmin(1)
+    assert (pred == yt).float().mean().item() > 0.8
+    assert validate_data(cfg) is None
+
+
+# ------------------------------------------------------------------------------- image folder
+
+
+def test_folder_split_serves_reproducible_batches(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(3):
+                pixels = rng.integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    cfg = DataConfig(name="imagenet", root=str(tmp_path), workers=0)
+    train, test, spec = load_datasets(cfg)
+    assert isinstance(train, FolderSplit) and (train.num_samples, test.num_samples) == (6, 6)
+    full = list(train.batches(2, epoch=0, seed=0, train=True))
+    assert [x.shape for x, _ in full] == [(2, 3, 224, 224)] * 3
+    assert sorted(torch.cat([y for _, y in full]).tolist()) == [0, 0, 0, 1, 1, 1]
+    xr, yr = next(train.batches(2, epoch=0, seed=0, train=True, start=2))
+    assert torch.equal(xr, full[2][0]) and torch.equal(yr, full[2][1])
+    labels = [y.tolist() for _, y in test.batches(4, epoch=0, seed=0, train=False)]
+    assert labels == [[0, 0, 0, 1], [1, 1]]
