@@ -90,6 +90,8 @@ class TrainConfig:
     eval_every: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)")
     device: str = _f("auto", "auto | cpu | cuda (auto: cuda when available)")
     threads: int = _f(0, "torch CPU threads per rank (0 = leave torch's default)")
+    nonfinite: str = _f("stop", "a NaN/Inf loss: stop (the run ends naming rank, module and "
+                        "step) or skip (that module drops the batch's update and goes on)")
     bf16: bool = _f(False, "bf16 autocast on CUDA")
     channels_last: bool = _f(False, "channels-last memory format on CUDA")
 
@@ -102,6 +104,7 @@ class RunConfig:
     overwrite: bool = _f(False, "replace an existing run directory instead of refusing")
     log_every: int = _f(20, "write a metrics.jsonl line every N steps")
     checkpoint_every: int = _f(1, "write checkpoints every N epochs (and at the end)")
+    checkpoint_steps: int = _f(0, "also write a checkpoint every N steps (0 = only per epoch)")
     progress: bool = _f(True, "rich progress bar and live stage view on rank 0")
 
 
@@ -252,6 +255,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"pipeline.mode={p.mode!r} is unknown; use lockstep or async")
     if p.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"pipeline.backend={p.backend!r} is unknown; use auto, gloo or nccl")
+    if t.nonfinite not in ("stop", "skip"):
+        raise ConfigError(f"train.nonfinite={t.nonfinite!r} is unknown; use stop or skip")
+    if cfg.run.checkpoint_steps < 0:
+        raise ConfigError("run.checkpoint_steps must be >= 0 (0 = only per epoch)")
     if t.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"train.device={t.device!r} is unknown; use auto, cpu or cuda")
     if m.K < 1:
@@ -301,7 +308,7 @@ def validate_world(cfg: Config, world_size: int, num_modules: int) -> None:
         raise ConfigError(f"{world_size} ranks but only model.K={num_modules} local modules; "
                           f"use at most {num_modules} ranks or raise model.K")
     part = cfg.pipeline.partition
-    if part and len(part) != world_size:
+    if part and world_size > 1 and len(part) != world_size:
         raise ConfigError(f"pipeline.partition={part} has {len(part)} entries but the world has "
                           f"{world_size} ranks; give one count per rank or leave it empty")
 

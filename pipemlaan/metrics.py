@@ -26,18 +26,20 @@ class SavedTensorTracker:
         self._refs: dict[int, int] = {}   # storage pointer -> number of live saved tensors
 
     def _pack(self, t: torch.Tensor):
-        if t.is_floating_point() or t.is_complex() or t.dtype in (torch.long, torch.int, torch.bool):
-            try:
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-            except (RuntimeError, NotImplementedError):
-                return t
-            if key not in self._refs:
-                self._refs[key] = 0
-                self.live += storage.nbytes()
-                self.peak = max(self.peak, self.live)
-            self._refs[key] += 1
-            weakref.finalize(t, self._release, key, storage.nbytes())
+        # A detached alias: the graph holding the tensor itself would make a reference cycle
+        # (node -> saved output -> grad_fn -> node) that only a backward pass breaks.
+        t = t.detach()
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):
+            return t
+        if key not in self._refs:
+            self._refs[key] = 0
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        self._refs[key] += 1
+        weakref.finalize(t, self._release, key, nbytes)
         return t
 
     def _release(self, key: int, nbytes: int) -> None:

@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     except PipemlaanError as e:
         print(f"pipemlaan: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:
+        print(f"pipemlaan: error: cannot write {e.filename or 'the run directory'} "
+              f"({e.strerror}); free disk space or choose another --run.dir", file=sys.stderr)
+        return 1
     finally:
         if env is not None:
             cleanup(env)

@@ -71,6 +71,7 @@ class Stage:
                         if stash and any(j > self.last for j in plan.covering(k))}
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.losses: dict[int, torch.Tensor] = {}
+        self.skipped: dict[int, int] = {}        # non-finite batches dropped, per module
         self.tracker = saved_tracker
         self._upstream: dict[int, torch.Tensor] = {}
         on_cuda = device.type == "cuda"
@@ -129,15 +130,24 @@ class Stage:
                 lh, _ = mod.h(zh, labels, images)
                 m = self.cfg.method
                 loss = lh if loss is None else m.w_g * loss + m.w_h * lh
-        if not torch.isfinite(loss.detach()).all():
-            raise NonFiniteLoss(f"module {k} loss is {loss.item()} at step {step}")
-        loss.backward()
         self.losses[k] = loss.detach()
-        self._step(k, lr)   # head parameters only: the body has no gradient yet
-        if zg is not None:
-            pend.g_grad = zg.grad
-        if zh is not None:
-            self._arrive(step, k, k, zh.grad)
+        if torch.isfinite(loss.detach()).all():
+            loss.backward()
+            self._step(k, lr)   # head parameters only: the body has no gradient yet
+            g_grad, h_grad = (zg.grad if zg is not None else None,
+                              zh.grad if zh is not None else None)
+        elif self.cfg.train.nonfinite == "skip":
+            # the batch contributes nothing to this module: zero gradients keep the window
+            # bookkeeping (and the gradient stream to the previous rank) intact
+            self.skipped[k] = self.skipped.get(k, 0) + 1
+            g_grad = torch.zeros_like(out) if zg is not None else None
+            h_grad = torch.zeros_like(out) if zh is not None else None
+        else:
+            raise NonFiniteLoss(f"module {k} loss is {loss.item()} at step {step}; lower "
+                                f"train.lr, or set train.nonfinite=skip to drop such batches")
+        pend.g_grad = g_grad
+        if h_grad is not None:
+            self._arrive(step, k, k, h_grad)
         else:
             self._maybe_finalize(step, k)
         return out
@@ -162,9 +172,15 @@ class Stage:
         for j in sorted(pend.windows):
             total = pend.windows[j] if total is None else total + pend.windows[j]
         params = [p for p in self.modules[k].body.parameters() if p.requires_grad]
-        with torch.profiler.record_function(f"module {k} backward"):
-            torch.autograd.backward(pend.out, total, inputs=params)
-        self._step(k, pend.lr)
+        if torch.isfinite(total).all():
+            with torch.profiler.record_function(f"module {k} backward"):
+                torch.autograd.backward(pend.out, total, inputs=params)
+            self._step(k, pend.lr)
+        elif self.cfg.train.nonfinite == "skip":
+            self.skipped[k] = self.skipped.get(k, 0) + 1
+        else:
+            raise NonFiniteLoss(f"module {k} got a non-finite gradient at step {step}; lower "
+                                f"train.lr, or set train.nonfinite=skip to drop such batches")
         del self.pending[(step, k)]
 
     def _step(self, k: int, lr: float) -> None:

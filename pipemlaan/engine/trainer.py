@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pipemlaan.engine.p2p import EVAL, TRAIN, Links
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
                                         measure_costs)
 from pipemlaan.engine.schedule import lr_at
-from pipemlaan.engine.stage import Stage
+from pipemlaan.engine.stage import NonFiniteLoss, Stage
 from pipemlaan.errors import ConfigError, PipemlaanError
 from pipemlaan.local.module import build_local_modules, window_plan
 from pipemlaan.metrics import MetricsWriter, SavedTensorTracker, cuda_memory, state_bytes
@@ -46,11 +47,12 @@ class Trainer:
         K = len(self.all_modules)
         self.min_per_rank = max(1, self.plan.max_reach() - 1)
 
+        self._auto_resume_after_restart()
         # Start-up checks run on every rank and are agreed on before anything is written.
         error = None
         try:
             validate_world(cfg, env.world, K)
-            if cfg.pipeline.partition:
+            if cfg.pipeline.partition and env.world > 1:
                 check_partition(cfg.pipeline.partition, self.min_per_rank)
             if env.rank == 0:
                 validate_data(cfg.data)
@@ -121,6 +123,18 @@ class Trainer:
 
     def config_hash(self) -> int:
         return int(hashlib.sha256(to_toml(self.cfg).encode()).hexdigest()[:12], 16)
+
+    def _auto_resume_after_restart(self) -> None:
+        """torchrun --max-restarts restarts every worker with the same arguments: continue
+        from the last complete checkpoint (or start over if the first one was never written)."""
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+            return
+        has = (ckpt.latest_checkpoint(self.run_dir) is not None) if self.env.rank == 0 else None
+        has = broadcast(self.env, has)
+        self.cfg.run.resume = bool(has)
+        self.cfg.run.overwrite = not has
+        print0(self.env, f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: "
+                         + ("resuming from the last checkpoint" if has else "starting over"))
 
     def _check_run_dir(self) -> None:
         d, run = self.run_dir, self.cfg.run
@@ -254,7 +268,10 @@ class Trainer:
             else:
                 x, y, images = links.recv_forward(TRAIN, t)
             c0 = time.perf_counter()
-            out, upstream = stage.forward_batch(t, lr, x, y, images)
+            try:
+                out, upstream = stage.forward_batch(t, lr, x, y, images)
+            except NonFiniteLoss as e:
+                raise NonFiniteLoss(f"rank {self.env.rank}: {e}") from None
             compute += time.perf_counter() - c0
             if links:
                 links.send_grads(t, upstream)
@@ -269,6 +286,11 @@ class Trainer:
                 self.lam.publish(t + 1)
             self.step += 1
             self.batch_in_epoch += 1
+            every = cfg.run.checkpoint_steps
+            if every and self.step % every == 0 and self.batch_in_epoch < self.steps_per_epoch \
+                    and self.step < self.total_steps:
+                self._drain()
+                self.save_checkpoint()
             done += bs
             window_images += bs
             if self.step % cfg.run.log_every == 0 or self.step == self.total_steps:
@@ -364,16 +386,20 @@ class Trainer:
     # ---- checkpoints ---------------------------------------------------------------------
     def save_checkpoint(self) -> None:
         d = ckpt.step_dir(self.run_dir, self.step)
-        if self.env.rank == 0:
+        sums, error = {}, None
+        try:
             d.mkdir(parents=True, exist_ok=True)
-        if self.env.distributed:
-            torch.distributed.barrier()
-        sums = {}
-        for k, mod in self.stage.modules.items():
-            state = {"module": mod.state_dict(), "optimizer": self.stage.optimizers[k].state_dict(),
-                     "lam_snapshot": self.lam.state(k) if self.lam else None}
-            name = f"module_{k:03d}.pt"
-            sums[name] = ckpt.save_module_file(d / name, state)
+            for k, mod in self.stage.modules.items():
+                state = {"module": mod.state_dict(),
+                         "optimizer": self.stage.optimizers[k].state_dict(),
+                         "lam_snapshot": self.lam.state(k) if self.lam else None}
+                name = f"module_{k:03d}.pt"
+                sums[name] = ckpt.save_module_file(d / name, state)
+        except OSError as e:
+            error = PipemlaanError(f"cannot write checkpoint {d} ({e.strerror}); free disk "
+                                   f"space or choose another --run.dir; earlier checkpoints "
+                                   f"are intact")
+        agree(self.env, error)
         merged = {}
         for part in gather_all(self.env, sums):
             merged.update(part)

@@ -1,0 +1,36 @@
+# pipemlaan: `make run` sets up and runs the main job, `make test` sets up and runs the tests.
+PY := .venv/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+NPROC ?= 2
+
+.PHONY: setup data run test bench clean
+
+.venv/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+setup: .venv/.installed
+
+data:
+	@if [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then :; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	else \
+	  echo "Fashion-MNIST is missing: install the Debian package dataset-fashion-mnist, or put the four IDX files in a folder and pass --data.root=FOLDER"; exit 1; \
+	fi
+
+# The main job: MLAAN on Fashion-MNIST, pipelined over $(NPROC) CPU ranks (one thread each).
+run: setup data
+	OMP_NUM_THREADS=1 .venv/bin/torchrun --standalone --nproc_per_node=$(NPROC) \
+	  -m pipemlaan.train --config configs/fmnist_mlaan_cpu.toml $(ARGS)
+
+test: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(ARGS)
+
+bench: setup
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.throughput $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache
