@@ -243,10 +243,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Checks that need no data or process group; raises ConfigError naming the fix."""
-    from pipemlaan.models import parse_model_name  # models validate their own names
+    from pipemlaan.models import num_blocks  # models validate their own names
 
     m, meth, d, t, p = cfg.model, cfg.method, cfg.data, cfg.train, cfg.pipeline
-    parse_model_name(m.name)
+    blocks = num_blocks(m.name)
     if meth.name not in METHODS:
         raise ConfigError(f"method.name={meth.name!r} is unknown; use one of {', '.join(METHODS)}")
     if d.name not in DATASETS:
@@ -263,6 +263,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.device={t.device!r} is unknown; use auto, cpu or cuda")
     if m.K < 1:
         raise ConfigError(f"model.K={m.K}: needs at least 1 local module")
+    if m.K > blocks + 1 and meth.name != "bp":
+        raise ConfigError(f"model.K={m.K} is impossible for {m.name}: it has {blocks} residual "
+                          f"blocks, so K must lie in 1..{blocks + 1} (K={blocks + 1} = stem + "
+                          f"one block per module)")
     if meth.window < 1:
         raise ConfigError(f"method.window={meth.window}: a cascade window holds at least 1 module")
     if meth.mlm and meth.window > m.K and meth.name != "bp":

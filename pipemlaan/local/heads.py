@@ -87,6 +87,9 @@ class LeapHead(nn.Module):
         self.copies = nn.ModuleList(copy.deepcopy(b) for b in blocks)
         self.twin = copy.deepcopy(blocks[0])
         self.twin.requires_grad_(False)
+        for m in self.twin.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.0   # its running statistics follow the live block by EMA only
         self.fc = nn.Linear(out_channels, num_classes)
 
     def forward(self, x, labels, images=None):

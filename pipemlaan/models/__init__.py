@@ -24,6 +24,14 @@ def parse_model_name(name: str) -> tuple[str, int]:
                       f"{', '.join(IMAGENET_LAYOUTS)}")
 
 
+def num_blocks(name: str) -> int:
+    """Residual blocks of a model (stem excluded), without building it."""
+    family, depth = parse_model_name(name)
+    if family == "imagenet":
+        return sum(IMAGENET_LAYOUTS[name][1])
+    return 3 * ((depth - 2) // 6)
+
+
 def build_backbone(name: str, in_channels: int, num_classes: int, width: int = 16) -> Backbone:
     family, depth = parse_model_name(name)
     if family == "imagenet":
@@ -31,4 +39,4 @@ def build_backbone(name: str, in_channels: int, num_classes: int, width: int = 1
     return cifar_resnet(depth, in_channels, num_classes, width)
 
 
-__all__ = ["Backbone", "build_backbone", "parse_model_name"]
+__all__ = ["Backbone", "build_backbone", "num_blocks", "parse_model_name"]

@@ -1,0 +1,191 @@
+"""Memory per device, for any config: `python -m pipemlaan.profile --config X.toml --ranks 4`.
+
+Runs a few training steps of the real stage code for every rank of an R-rank pipeline inside one
+process (the stages hand activations and window gradients to each other exactly as a lockstep
+pipeline does over P2P) and reports, per rank, the device-independent accounting of DESIGN.md:
+peak bytes saved for backward + parameters, gradients, buffers and optimizer state + the P2P
+receive buffers. `--table3` prints the paper's Table 3 shape (BP and the local methods on
+ResNet-32 / ResNet-110 at CIFAR shapes and ResNet-34 at ImageNet shapes).
+
+Examples:
+  python -m pipemlaan.profile --config configs/fmnist_mlaan_cpu.toml --ranks 2
+  python -m pipemlaan.profile --table3 --ranks 4 --batch 128 --imagenet-batch 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from pipemlaan.config import Config, load_config, method_label
+from pipemlaan.data import DatasetSpec
+from pipemlaan.engine.partition import balanced_partition, measure_costs
+from pipemlaan.engine.stage import Stage
+from pipemlaan.errors import PipemlaanError
+from pipemlaan.local.module import build_local_modules, window_plan
+from pipemlaan.metrics import SavedTensorTracker, state_bytes
+from pipemlaan.ui import console
+
+SHAPES = {"cifar": (3, 32, 32, 10), "imagenet": (3, 224, 224, 1000)}
+
+
+def profile_memory(cfg: Config, spec: DatasetSpec, ranks: int, batch: int,
+                   steps: int = 2, partition: list[int] | None = None) -> list[dict]:
+    """Per-rank memory of an R-rank lockstep pipeline (R=1: the single process)."""
+    torch.manual_seed(0)
+    _, modules = build_local_modules(cfg, spec)
+    plan = window_plan(cfg, len(modules))
+    ranks = min(ranks, len(modules))
+    shape = (spec.in_channels, *spec.image_size)
+    x0 = torch.randn(batch, *shape)
+    y0 = torch.randint(0, spec.num_classes, (batch,))
+    if partition is None:
+        if ranks == 1:
+            partition = [len(modules)]
+        else:
+            small = min(batch, 8)
+            costs = measure_costs(modules, x0[:small], y0[:small], repeats=1)
+            partition = balanced_partition(costs, ranks, max(1, plan.max_reach() - 1))
+    stages, lo = [], 0
+    for n in partition:
+        stages.append(Stage(cfg, modules[lo:lo + n], plan, torch.device("cpu"),
+                            saved_tracker=SavedTensorTracker()))
+        lo += n
+    images = x0 if cfg.method.name == "infopro" else None
+    for step in range(steps):
+        x = x0
+        for r, st in enumerate(stages):
+            x, upstream = st.forward_batch(step, 0.01, x, y0, images)
+            if upstream:
+                stages[r - 1].receive_grads(step, upstream)
+    out = []
+    for r, st in enumerate(stages):
+        mods = list(st.modules.values())
+        static = state_bytes(mods, st.optimizers.values())
+        act_in = 0
+        if r > 0:
+            act_in = x0.new_empty(0).element_size() * batch * _numel_out(modules, st.first - 1, spec)
+        # ring of 2 receive slots (lockstep) + the gradient buffer
+        comm = act_in * 2 + act_in * len(st.from_next if r < len(stages) - 1 else [])
+        out.append({"rank": r, "modules": st.indices, "activation_bytes": st.tracker.peak,
+                    "state_bytes": static, "comm_bytes": comm,
+                    "total_bytes": st.tracker.peak + static + comm})
+    return out
+
+
+@torch.no_grad()
+def _numel_out(modules, k: int, spec: DatasetSpec) -> int:
+    x = torch.zeros(1, spec.in_channels, *spec.image_size)
+    for m in modules[: k + 1]:
+        m.eval()
+        x = m.body(x)
+        m.train()
+    return x.numel()
+
+
+def _spec(kind: str, name: str = "synthetic") -> DatasetSpec:
+    c, h, w, n = SHAPES[kind]
+    return DatasetSpec(name, c, (h, w), n, (0.0,) * c, (1.0,) * c)
+
+
+TABLE3 = [("ResNet-32 (K=16)", "resnet32", 16, "cifar"),
+          ("ResNet-110 (K=55)", "resnet110", 55, "cifar"),
+          ("ResNet-34 (K=17)", "resnet34", 17, "imagenet")]
+METHODS = [("bp", "bp", False, False), ("dgl", "dgl", False, False),
+           ("dgl+mlaan", "dgl", True, True), ("infopro", "infopro", False, False),
+           ("infopro+mlaan", "infopro", True, True)]
+
+
+def table3(ranks: int, batch: int, imagenet_batch: int, methods=METHODS, nets=TABLE3) -> list[dict]:
+    rows = []
+    for label, model, K, kind in nets:
+        for mlabel, name, mlm, lam in methods:
+            cfg = Config()
+            cfg.model.name, cfg.model.K = model, K
+            cfg.method.name, cfg.method.mlm, cfg.method.lam = name, mlm, lam
+            b = imagenet_batch if kind == "imagenet" else batch
+            spec = _spec(kind)
+            single = profile_memory(cfg, spec, 1, b)[0]["total_bytes"]
+            per_rank = (profile_memory(cfg, spec, ranks, b) if name != "bp" and ranks > 1
+                        else None)
+            rows.append({"network": label, "method": mlabel, "batch": b,
+                         "single_process_bytes": single,
+                         "per_rank_bytes": [r["total_bytes"] for r in per_rank] if per_rank
+                         else None})
+            console.print(f"  measured {label} {mlabel}", style="dim")
+    return rows
+
+
+def _gib(b: float) -> str:
+    return f"{b / 2**30:.2f}"
+
+
+def render_table3(rows: list[dict], ranks: int) -> Table:
+    t = Table(title=f"Memory per device (GiB; saved-for-backward + params/grads/optimizer "
+                    f"+ P2P buffers), {ranks}-rank pipelines")
+    t.add_column("network")
+    t.add_column("method")
+    t.add_column("1 process", justify="right")
+    for r in range(ranks):
+        t.add_column(f"rank {r}", justify="right")
+    t.add_column("max rank / BP", justify="right")
+    bp = {}
+    for row in rows:
+        if row["method"] == "bp":
+            bp[row["network"]] = row["single_process_bytes"]
+        per = row["per_rank_bytes"] or []
+        ratio = (max(per) / bp[row["network"]]) if per and row["network"] in bp else None
+        t.add_row(row["network"], row["method"], _gib(row["single_process_bytes"]),
+                  *[_gib(b) for b in per] + ["-"] * (ranks - len(per)),
+                  f"{ratio:.0%}" if ratio else "-")
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipemlaan.profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config")
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--batch", type=int, default=0, help="batch size (default: train.batch_size)")
+    p.add_argument("--table3", action="store_true")
+    p.add_argument("--imagenet-batch", type=int, default=16)
+    p.add_argument("--json", help="also write the figures to this JSON file")
+    args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.table3:
+            rows = table3(args.ranks, args.batch or 128, args.imagenet_batch)
+            console.print(render_table3(rows, args.ranks))
+            result = {"ranks": args.ranks, "rows": rows}
+        else:
+            cfg = load_config(args.config, overrides)
+            from pipemlaan.data import dataset_spec
+            spec = dataset_spec(cfg.data)
+            batch = args.batch or cfg.train.batch_size
+            per_rank = profile_memory(cfg, spec, args.ranks, batch,
+                                      partition=cfg.pipeline.partition or None)
+            t = Table(title=f"{method_label(cfg.method)} {cfg.model.name} K={cfg.model.K}, "
+                            f"batch {batch}, {args.ranks} rank(s) (MiB)")
+            for col in ("rank", "modules", "saved for backward", "params+grads+optim",
+                        "P2P buffers", "total"):
+                t.add_column(col, justify="right")
+            for r in per_rank:
+                t.add_row(str(r["rank"]), f"{r['modules'][0]}-{r['modules'][-1]}",
+                          *(f"{r[k] / 2**20:.1f}" for k in ("activation_bytes", "state_bytes",
+                                                            "comm_bytes", "total_bytes")))
+            console.print(t)
+            result = {"ranks": args.ranks, "batch": batch, "per_rank": per_rank}
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+    except PipemlaanError as e:
+        print(f"pipemlaan: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
