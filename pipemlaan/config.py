@@ -347,6 +347,7 @@ def describe() -> str:
         out.append(f"### [{section}]\n\n| key | default | meaning |\n|---|---|---|")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append(f"| `{section}.{f.name}` | `{_toml_value(default)}` | {f.metadata['help']} |")
+            meaning = f.metadata["help"].replace("|", "\\|")
+            out.append(f"| `{section}.{f.name}` | `{_toml_value(default)}` | {meaning} |")
         out.append("")
     return "\n".join(out)

@@ -7,6 +7,7 @@ LOCAL_RANK). NCCL on CUDA, gloo on CPU, unless pipeline.backend says otherwise.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from pipemlaan.config import Config
+from pipemlaan.engine import watchdog
 from pipemlaan.errors import ConfigError, PipemlaanError
 
 
@@ -55,12 +57,23 @@ def init_distributed(cfg: Config) -> DistEnv:
             raise ConfigError("pipeline.backend=nccl needs CUDA devices; use gloo on CPU")
         dist.init_process_group(backend, timeout=timedelta(seconds=cfg.pipeline.timeout_s),
                                 device_id=device if use_cuda else None)
+        watchdog.start(rank, world)
     return DistEnv(rank, world, local_rank, device, backend)
 
 
 def cleanup(env: DistEnv) -> None:
+    watchdog.stop()
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def collective(env: DistEnv, what: str):
+    """Turns a collective's failure (a dead or stalled rank) into a PipelineError naming it."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise watchdog.peer_failure(env.rank, what, None, e) from e
 
 
 def gather_all(env: DistEnv, obj):
@@ -68,7 +81,8 @@ def gather_all(env: DistEnv, obj):
     if not env.distributed:
         return [obj]
     out = [None] * env.world
-    dist.all_gather_object(out, obj)
+    with collective(env, "exchanging results with every rank"):
+        dist.all_gather_object(out, obj)
     return out
 
 
@@ -76,8 +90,16 @@ def broadcast(env: DistEnv, obj, src: int = 0):
     if not env.distributed:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    what = f"receiving from rank {src}" if env.rank != src else "sending to every rank"
+    with collective(env, what):
+        dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        with collective(env, "waiting for every rank"):
+            dist.barrier()
 
 
 def agree(env: DistEnv, error: PipemlaanError | None) -> None:

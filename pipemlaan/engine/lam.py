@@ -20,7 +20,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pipemlaan.errors import PipelineError
+from pipemlaan.engine.watchdog import peer_failure
 from pipemlaan.local.module import LocalModule, block_state, ema_update
 
 
@@ -154,8 +154,8 @@ class LamSync:
         try:
             work.wait(self.timeout)
         except RuntimeError as e:
-            raise PipelineError(f"rank {self.rank}: {what} rank {peer} failed or timed out "
-                                f"({e}); rank {peer} died or stalled") from e
+            raise peer_failure(self.rank, f"{what} rank {peer}", peer, e,
+                               self.timeout.total_seconds()) from e
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state(self, module_index: int) -> list[torch.Tensor] | None:

@@ -24,6 +24,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipemlaan.engine.watchdog import peer_failure
 from pipemlaan.errors import PipelineError
 
 TRAIN, EVAL = 0, 1
@@ -74,11 +75,8 @@ class Links:
         try:
             work.wait(self.timeout)
         except RuntimeError as e:
-            reason = "timed out" if "time" in str(e).lower() else "failed"
-            raise PipelineError(
-                f"rank {self.rank}: {what} with rank {peer} {reason} after at most "
-                f"{self.timeout.total_seconds():.0f} s; rank {peer} died or stalled (see its "
-                f"log), or raise pipeline.timeout_s") from e
+            raise peer_failure(self.rank, what + f" with rank {peer}", peer, e,
+                               self.timeout.total_seconds()) from e
 
     def _recv(self, tensor: torch.Tensor, peer: int, what: str) -> None:
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import torch
 from pipemlaan import checkpoint as ckpt
 from pipemlaan.config import Config, method_label, to_toml, validate_world
 from pipemlaan.data import dataset_spec, load_datasets, validate_data
-from pipemlaan.engine.distributed import DistEnv, agree, broadcast, gather_all
+from pipemlaan.engine.distributed import DistEnv, agree, barrier, broadcast, gather_all
 from pipemlaan.engine.lam import LamSync
 from pipemlaan.engine.p2p import EVAL, TRAIN, Links
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
@@ -113,7 +113,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.toml").write_text(to_toml(cfg))
         if env.distributed:
-            torch.distributed.barrier()
+            barrier(self.env)
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl")
 
     # ---- start-up helpers ----------------------------------------------------------------
@@ -408,7 +408,7 @@ class Trainer:
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "K": len(self.all_modules), "world_size": self.env.world}, merged)
         if self.env.distributed:
-            torch.distributed.barrier()
+            barrier(self.env)
 
     def _resume(self) -> None:
         found = ckpt.latest_checkpoint(self.run_dir) if self.env.rank == 0 else None

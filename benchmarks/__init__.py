@@ -1,0 +1,1 @@
+"""Benchmarks for pipemlaan (throughput and the torch.distributed.pipelining BP baseline)."""
