@@ -3,7 +3,7 @@ PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 NPROC ?= 2
 
-.PHONY: setup data run test bench clean
+.PHONY: setup data run test bench soak profile clean
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -29,8 +29,17 @@ run: setup data
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(ARGS)
 
+# Throughput (CPU set, < 15 min on 2 cores): results land in benchmarks/results/.
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.throughput $(ARGS)
+
+# 20 short 4-rank runs back to back: no hang, no process left behind.
+soak: setup
+	PIPEMLAAN_SOAK_RUNS=20 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_soak.py
+
+# Memory per device in the paper's Table 3 shape.
+profile: setup
+	OMP_NUM_THREADS=1 $(PY) -m pipemlaan.profile --table3 --ranks 4 $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -34,12 +34,15 @@ def start(rank: int, world: int) -> None:
     store.set(f"pipemlaan/hb/{rank}", repr(time.time()))
     thread = threading.Thread(target=beat, name="pipemlaan-heartbeat", daemon=True)
     thread.start()
-    _state.update(store=store, rank=rank, world=world, stop=stop)
+    _state.update(store=store, rank=rank, world=world, stop=stop, thread=thread)
 
 
 def stop() -> None:
+    """Stops and joins the heartbeat thread: it must not touch the store while the process
+    group is being destroyed (a C++ thread torn down mid-call aborts the process at exit)."""
     if "stop" in _state:
         _state["stop"].set()
+        _state["thread"].join(timeout=10)
     _state.clear()
 
 

@@ -1,7 +1,8 @@
 """Auxiliary heads: each maps a module's output to a loss (and logits for evaluation).
 
 - `LinearHead`: global pool + linear.
-- `DGLHead`: two 1x1 conv+BN+ReLU layers, global pool, a two-layer MLP (DGL's auxiliary net).
+- `DGLHead`: two 1x1 conv+BN+ReLU layers, average pooling to 2x2 (DGL's spatial averaging keeps
+  coarse layout, which a global pool would erase), a two-layer MLP (DGL's auxiliary net).
 - `InfoProHead`: a decoder that reconstructs the image (BCE) plus a DGL-style classifier; the
   two losses are weighted, the weights interpolated linearly with module depth (InfoPro).
 - `LeapHead`: LAM's leap network: deep copies of downstream backbone blocks, the first one
@@ -43,10 +44,11 @@ class DGLHead(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(cin, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, num_classes))
+        self.mlp = nn.Sequential(nn.Linear(4 * width, width), nn.ReLU(),
+                                 nn.Linear(width, num_classes))
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(_pool(self.features(x)))
+        return self.mlp(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 2), 1))
 
     def forward(self, x, labels, images=None):
         logits = self.logits(x)

@@ -1,0 +1,154 @@
+"""The method study on real Fashion-MNIST: BP, DGL, InfoPro and their MLAAN versions, the paper's
+ablation (DGL with neither / MLM / LAM / both) and layer-wise accuracy.
+
+  python -m benchmarks.study --quick        # one seed, 20k training images, 1 epoch (~15 min)
+  python -m benchmarks.study                # 2 seeds, full data, 3 epochs (hours on 2 cores)
+  python -m benchmarks.study --seeds 0,1,2 --epochs 10 --ranks 4 --async-check
+
+Every run is a real `python -m pipemlaan.train` (single process unless --ranks > 1), same
+backbone (ResNet-20), same K, same epochs and seeds for every method. Results: test error mean
+and spread over seeds, wall time, images/s and per-rank memory, written as JSON + Markdown in
+benchmarks/results/, and a plot of every module head's test error (the paper's Figure 5 shape)
+for dgl and dgl+mlaan. `--async-check` also trains dgl+mlaan as a 4-rank async pipeline to show
+it reaches the single-process accuracy within the seed spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+METHODS = {
+    "bp": ["--method.name=bp", "--method.mlm=false", "--method.lam=false"],
+    "dgl": ["--method.name=dgl", "--method.mlm=false", "--method.lam=false"],
+    "dgl+mlm": ["--method.name=dgl", "--method.mlm=true", "--method.lam=false"],
+    "dgl+lam": ["--method.name=dgl", "--method.mlm=false", "--method.lam=true"],
+    "dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
+    "infopro": ["--method.name=infopro", "--method.mlm=false", "--method.lam=false"],
+    "infopro+mlaan": ["--method.name=infopro", "--method.mlm=true", "--method.lam=true"],
+}
+
+
+def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
+    name = f"{method}-s{seed}-r{ranks}"
+    flags = [f"--model.name={args.model}", f"--model.K={args.K}", "--data.name=fashion_mnist",
+             f"--train.epochs={args.epochs}", f"--train.batch_size={args.batch}",
+             f"--train.lr={args.lr}", f"--train.seed={seed}", f"--run.dir={workdir}",
+             f"--run.name={name}", "--run.progress=false", "--run.log_every=50",
+             "--run.overwrite=true", *METHODS[method]]
+    if args.train_subset:
+        flags.append(f"--data.train_subset={args.train_subset}")
+    env = {**os.environ}
+    if ranks > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+               f"--nproc_per_node={ranks}", "-m", "pipemlaan.train", *flags,
+               "--train.threads=1", "--pipeline.mode=async"]
+    else:
+        cmd = [sys.executable, "-m", "pipemlaan.train", *flags]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=args.timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    s = json.loads((workdir / name / "summary.json").read_text())
+    print(f"{method:<14} seed {seed} ranks {ranks}: top-1 error {s['test_top1_error']:.2f}% "
+          f"({s['wall_s']:.0f} s, {s['images_per_s']:.0f} img/s)", flush=True)
+    return s
+
+
+def aggregate(runs: list[dict]) -> dict:
+    errs = [r["test_top1_error"] for r in runs]
+    per_module = [statistics.fmean(m) for m in zip(*(r["per_module_test_error"] for r in runs))]
+    return {"top1_error_mean": statistics.fmean(errs),
+            "top1_error_spread": (max(errs) - min(errs)) / 2 if len(errs) > 1 else 0.0,
+            "top1_errors": errs,
+            "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
+            "images_per_s_mean": statistics.fmean(r["images_per_s"] for r in runs),
+            "peak_memory_bytes": runs[0]["peak_memory_bytes"],
+            "per_module_test_error": per_module}
+
+
+def plot(results: dict, path: Path, K: int) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in ("dgl", "dgl+mlaan", "bp"):
+        if method in results and method != "bp":
+            errs = results[method]["per_module_test_error"]
+            ax.plot(range(1, len(errs) + 1), [100 - e for e in errs], marker="o", label=method)
+    if "bp" in results:
+        ax.axhline(100 - results["bp"]["top1_error_mean"], ls=":", color="grey", label="bp")
+    ax.set_xlabel("local module")
+    ax.set_ylabel("test accuracy of its head (%)")
+    ax.set_xticks(range(1, K + 1))
+    ax.set_title("Layer-wise accuracy, Fashion-MNIST")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="1 seed, 20k images, 1 epoch")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--K", type=int, default=4)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--train-subset", type=int, default=0)
+    p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--async-check", action="store_true",
+                   help="also train dgl+mlaan as a 4-rank async pipeline")
+    p.add_argument("--timeout", type=int, default=6 * 3600)
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.quick:
+        args.seeds, args.epochs, args.train_subset = "0", 1, 20000
+    seeds = [int(s) for s in args.seeds.split(",")]
+    methods = args.methods.split(",")
+    stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
+    results, raw = {}, {}
+    with tempfile.TemporaryDirectory(prefix="pipemlaan-study-") as tmp:
+        for method in methods:
+            raw[method] = [run(args, method, s, args.ranks, Path(tmp)) for s in seeds]
+            results[method] = aggregate(raw[method])
+        if args.async_check:
+            raw["dgl+mlaan async 4 ranks"] = [run(args, "dgl+mlaan", s, 4, Path(tmp))
+                                              for s in seeds]
+            results["dgl+mlaan async 4 ranks"] = aggregate(raw["dgl+mlaan async 4 ranks"])
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    base = RESULTS / f"study-fmnist-{stamp}"
+    base.with_suffix(".json").write_text(json.dumps(
+        {"date": stamp, "args": vars(args), "results": results, "runs": raw}, indent=1))
+    lines = [f"# Fashion-MNIST method study, {stamp}", "",
+             f"Command: `python -m benchmarks.study {' '.join(sys.argv[1:])}`", "",
+             f"{args.model}, K={args.K}, {args.epochs} epoch(s), batch {args.batch}, lr "
+             f"{args.lr}, seeds {seeds}, train subset {args.train_subset or 'all 60000'}, "
+             f"test set 10000, {args.ranks} rank(s).", "",
+             "| method | test top-1 error (mean ± half-range) | wall s | images/s | "
+             "peak memory per rank (MiB) |", "|---|---|---|---|---|"]
+    for m, r in results.items():
+        mem = ", ".join(f"{b / 2**20:.0f}" for b in r["peak_memory_bytes"])
+        lines.append(f"| {m} | {r['top1_error_mean']:.2f} ± {r['top1_error_spread']:.2f} | "
+                     f"{r['wall_s_mean']:.0f} | {r['images_per_s_mean']:.0f} | {mem} |")
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(results, base.with_suffix(".png"), args.K)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
