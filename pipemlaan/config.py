@@ -52,8 +52,7 @@ class MethodConfig:
     infopro_recon: list = _f([5.0, 0.0], "InfoPro reconstruction weight at the first and last "
                              "module, linearly interpolated by depth")
     infopro_ce: list = _f([0.5, 1.0], "InfoPro classification weight at the first and last module")
-    head_width: int = _f(0, "hidden width of dgl/infopro heads; 0 = twice the module's channels "
-                         "(at least 32)")
+    head_width: int = _f(0, "hidden width of dgl/infopro heads; 0 = the module's channels")
 
 
 @dataclass

@@ -9,6 +9,7 @@ failure of the pipeline (a dead or stalled peer) exits with status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from pipemlaan.config import describe, load_config
@@ -25,13 +26,20 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def _fail(message: str, code: int) -> int:
+    # one write per line, so lines of several ranks sharing a terminal never interleave
+    sys.stderr.write(f"pipemlaan: error: {message}\n")
+    sys.stderr.flush()
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.help_config:
         print(describe())
         return 0
     from pipemlaan.engine.distributed import cleanup, init_distributed
-    env = None
+    env, finished = None, False
     try:
         cfg = load_config(args.config, overrides)
         env = init_distributed(cfg)
@@ -39,23 +47,29 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, env)
         try:
             trainer.train()
+            finished = True
         finally:
             trainer.close()
     except (ConfigError, DataError) as e:
-        print(f"pipemlaan: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e), 2)
     except PipemlaanError as e:
-        print(f"pipemlaan: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(str(e), 1)
     except OSError as e:
-        print(f"pipemlaan: error: cannot write {e.filename or 'the run directory'} "
-              f"({e.strerror}); free disk space or choose another --run.dir", file=sys.stderr)
-        return 1
+        return _fail(f"cannot write {e.filename or 'the run directory'} ({e.strerror}); free "
+                     f"disk space or choose another --run.dir", 1)
     finally:
         if env is not None:
-            cleanup(env)
+            cleanup(env, finished)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # gloo's worker threads may still be releasing the last collective's buffers, which
+        # needs the interpreter; a normal interpreter shutdown then aborts the process
+        # (SIGABRT) after a successful run. Everything is written and flushed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -61,9 +61,17 @@ def init_distributed(cfg: Config) -> DistEnv:
     return DistEnv(rank, world, local_rank, device, backend)
 
 
-def cleanup(env: DistEnv) -> None:
+def cleanup(env: DistEnv, finished: bool = False) -> None:
+    """Tears down the process group. After a finished run every rank first meets at a barrier
+    so that no rank's last collective is still in flight; after a failure it does not wait
+    (the peers may be dead or stuck), so the failing rank exits at once."""
     watchdog.stop()
     if env.distributed and dist.is_initialized():
+        if finished:
+            try:
+                dist.barrier()
+            except RuntimeError:
+                pass
         dist.destroy_process_group()
 
 

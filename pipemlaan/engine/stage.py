@@ -119,31 +119,34 @@ class Stage:
         pend = _Pending(step, lr, inp, out)
         self.pending[(step, k)] = pend
 
-        loss, zg, zh = None, None, None
-        with torch.profiler.record_function(f"module {k} heads"), self._autocast:
-            if mod.g is not None:
-                zg = out.detach().requires_grad_(True)
-                lg, _ = mod.g(zg, labels, images)
-                loss = lg
-            if mod.h is not None:
-                zh = out.detach().requires_grad_(True)
-                lh, _ = mod.h(zh, labels, images)
-                m = self.cfg.method
-                loss = lh if loss is None else m.w_g * loss + m.w_h * lh
-        self.losses[k] = loss.detach()
-        if torch.isfinite(loss.detach()).all():
-            loss.backward()
+        # Each head runs and back-propagates on its own detached copy of the output, one
+        # after the other, so only one head's graph is alive at a time (the gradients are the
+        # same as for the summed objective: the heads share no tensor that needs grad).
+        weights = self._head_weights(mod)
+        grads, total = [], 0.0
+        for head, w in ((mod.g, weights[0]), (mod.h, weights[1])):
+            if head is None:
+                grads.append(None)
+                continue
+            z = out.detach().requires_grad_(True)
+            with torch.profiler.record_function(f"module {k} heads"), self._autocast:
+                part = w * head(z, labels, images)[0]
+            if torch.isfinite(part.detach()).all():
+                part.backward()
+            total = total + part.detach()
+            grads.append(z.grad)
+        self.losses[k] = total
+        if torch.isfinite(total).all():
             self._step(k, lr)   # head parameters only: the body has no gradient yet
-            g_grad, h_grad = (zg.grad if zg is not None else None,
-                              zh.grad if zh is not None else None)
+            g_grad, h_grad = grads
         elif self.cfg.train.nonfinite == "skip":
             # the batch contributes nothing to this module: zero gradients keep the window
             # bookkeeping (and the gradient stream to the previous rank) intact
             self.skipped[k] = self.skipped.get(k, 0) + 1
-            g_grad = torch.zeros_like(out) if zg is not None else None
-            h_grad = torch.zeros_like(out) if zh is not None else None
+            self.optimizers[k].zero_grad(set_to_none=True)
+            g_grad, h_grad = (None if g is None else torch.zeros_like(out) for g in grads)
         else:
-            raise NonFiniteLoss(f"module {k} loss is {loss.item()} at step {step}; lower "
+            raise NonFiniteLoss(f"module {k} loss is {total.item()} at step {step}; lower "
                                 f"train.lr, or set train.nonfinite=skip to drop such batches")
         pend.g_grad = g_grad
         if h_grad is not None:
@@ -151,6 +154,11 @@ class Stage:
         else:
             self._maybe_finalize(step, k)
         return out
+
+    def _head_weights(self, mod: LocalModule) -> tuple[float, float]:
+        if mod.g is not None and mod.h is not None:
+            return self.cfg.method.w_g, self.cfg.method.w_h
+        return 1.0, 1.0
 
     def _arrive(self, step: int, k: int, j: int, grad: torch.Tensor) -> None:
         pend = self.pending[(step, k)]

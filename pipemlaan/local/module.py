@@ -102,7 +102,7 @@ def make_optimizer(module: LocalModule, cfg: Config) -> torch.optim.SGD:
 
 
 def _head_width(cfg: Config, channels: int) -> int:
-    return cfg.method.head_width or max(32, 2 * channels)
+    return cfg.method.head_width or channels
 
 
 def _small_head(cfg: Config, spec: DatasetSpec, cin: int, depth: float) -> nn.Module:
