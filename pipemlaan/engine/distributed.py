@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from pipemlaan.config import Config
 from pipemlaan.engine import watchdog
-from pipemlaan.errors import ConfigError, PipemlaanError
+from pipemlaan.errors import ConfigError, PipelineError, PipemlaanError
 
 
 @dataclass
@@ -55,10 +55,34 @@ def init_distributed(cfg: Config) -> DistEnv:
             backend = "nccl" if use_cuda else "gloo"
         if backend == "nccl" and not use_cuda:
             raise ConfigError("pipeline.backend=nccl needs CUDA devices; use gloo on CPU")
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.pipeline.timeout_s),
-                                device_id=device if use_cuda else None)
+        timeout = timedelta(seconds=cfg.pipeline.timeout_s)
+        try:
+            dist.init_process_group(backend, timeout=timeout, store=_attempt_store(world, timeout),
+                                    rank=rank, world_size=world,
+                                    device_id=device if use_cuda else None)
+        except (RuntimeError, ValueError) as e:
+            raise PipelineError(f"rank {rank}: could not join the process group ({e}); check "
+                                f"MASTER_ADDR/MASTER_PORT or the torchrun rendezvous, and that "
+                                f"every rank was started") from e
         watchdog.start(rank, world)
     return DistEnv(rank, world, local_rank, device, backend)
+
+
+def _attempt_store(world: int, timeout: timedelta):
+    """The rendezvous store, in a namespace of this attempt's own.
+
+    torchrun --max-restarts hands restarted workers the same store as the failed attempt; a
+    restarted rank could then read the address its dead peer registered and hang or fail while
+    connecting. A prefix per restart keeps attempts apart (heartbeats included)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        raise ConfigError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT are not set; launch with "
+                          "torchrun (see launch/)")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    is_master = int(os.environ.get("RANK", "0")) == 0 and \
+        os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+    base = dist.TCPStore(addr, int(port), world, is_master=is_master, timeout=timeout)
+    return dist.PrefixStore(f"pipemlaan/attempt_{attempt}", base)
 
 
 def cleanup(env: DistEnv, finished: bool = False) -> None:

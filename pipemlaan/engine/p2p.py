@@ -84,7 +84,10 @@ class Links:
         self.timer.recv_wait += time.perf_counter() - t0
 
     def _send(self, step: int, tensors: list[torch.Tensor], peer: int) -> None:
-        works = [(dist.isend(t, peer), t) for t in tensors]
+        try:
+            works = [(dist.isend(t, peer), t) for t in tensors]
+        except RuntimeError as e:
+            raise peer_failure(self.rank, f"sending to rank {peer}", peer, e) from e
         self._sends.append((step, works))
         self.reap(step - self._ring + 1)
 

@@ -144,7 +144,8 @@ class Stage:
             # bookkeeping (and the gradient stream to the previous rank) intact
             self.skipped[k] = self.skipped.get(k, 0) + 1
             self.optimizers[k].zero_grad(set_to_none=True)
-            g_grad, h_grad = (None if g is None else torch.zeros_like(out) for g in grads)
+            g_grad, h_grad = (None if head is None else torch.zeros_like(out)
+                              for head in (mod.g, mod.h))
         else:
             raise NonFiniteLoss(f"module {k} loss is {total.item()} at step {step}; lower "
                                 f"train.lr, or set train.nonfinite=skip to drop such batches")
