@@ -68,14 +68,9 @@ def predict(setup: Setup, partition: list[int], bandwidth: float, overlap: float
 
 def measure_setup(model: str, K: int, method: str, batch: int, image: tuple[int, int, int],
                   classes: int = 10, repeats: int = 3) -> Setup:
-    cfg = Config()
-    cfg.model.name, cfg.model.K = model, K
-    name, _, extra = method.partition("+")
-    cfg.method.name = name
-    cfg.method.mlm = cfg.method.lam = extra == "mlaan"
     c, h, w = image
     spec = DatasetSpec("synthetic", c, (h, w), classes, (0.0,) * c, (1.0,) * c)
-    _, modules = build_local_modules(cfg, spec)
+    _, modules = build_local_modules(_cfg(model, K, method), spec)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, c, h, w, generator=g)
     y = torch.randint(0, classes, (batch,), generator=g)
@@ -93,14 +88,9 @@ def measure_setup(model: str, K: int, method: str, batch: int, image: tuple[int,
 def flop_setup(model: str, K: int, method: str, batch: int, image, flops_per_s: float,
                classes: int = 10) -> Setup:
     """Per-module costs from counted multiply-adds (x2 FLOPs, x3 for forward + backward)."""
-    cfg = Config()
-    cfg.model.name, cfg.model.K = model, K
-    name, _, extra = method.partition("+")
-    cfg.method.name = name
-    cfg.method.mlm = cfg.method.lam = extra == "mlaan"
     c, h, w = image
     spec = DatasetSpec("synthetic", c, (h, w), classes, (0.0,) * c, (1.0,) * c)
-    _, modules = build_local_modules(cfg, spec)
+    _, modules = build_local_modules(_cfg(model, K, method), spec)
     macs = [0]
 
     def hook(mod, inp, out):
@@ -184,7 +174,8 @@ def project(model: str, K: int, method: str, batch_per_replica: int) -> list[dic
     return rows
 
 
-def _cfg(model, K, method) -> Config:
+def _cfg(model: str, K: int, method: str) -> Config:
+    """A default config for `method` written as dgl, dgl+mlaan, infopro+mlaan, ..."""
     cfg = Config()
     cfg.model.name, cfg.model.K = model, K
     name, _, extra = method.partition("+")
