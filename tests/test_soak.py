@@ -20,7 +20,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 _VENV_BIN = REPO / ".venv" / "bin"
