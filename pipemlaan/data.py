@@ -124,6 +124,13 @@ def _generator(*parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(_mix(*parts))
 
 
+def _shard_bounds(n: int, shard: tuple[int, int]) -> tuple[int, int]:
+    r, parts = shard
+    if not 0 <= r < parts:
+        raise ValueError(f"shard {r} of {parts} does not exist")
+    return r * n // parts, (r + 1) * n // parts
+
+
 class Split:
     """One split of a dataset: `num_samples` samples served as reproducible batches."""
 
@@ -139,16 +146,20 @@ class Split:
         return -(-self.num_samples // batch_size)
 
     def batches(self, batch_size: int, *, epoch: int, seed: int, train: bool,
-                start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                start: int = 0, shard: tuple[int, int] = (0, 1),
+                every: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yields (images, labels) batches from batch `start` on.
 
         train=True: the (seed, epoch) permutation, full batches only, augmentation on (when the
         split has one). train=False: dataset order, a final partial batch, no augmentation.
+        shard=(r, D): only the r-th of D equal slices of every batch, with exactly the pixels
+        (augmentation included) that slice has in the whole batch (data-parallel replicas).
+        every=(r, D): only batches r, r+D, r+2D, ... (replicas sharing out the test set).
         """
         raise NotImplementedError
 
-    def _order(self, batch_size: int, epoch: int, seed: int,
-               train: bool, start: int) -> tuple[torch.Tensor, range]:
+    def _order(self, batch_size: int, epoch: int, seed: int, train: bool, start: int,
+               every: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, range]:
         """The sample order of the epoch and the batch numbers still to serve."""
         if start < 0:
             raise ValueError(f"start must be >= 0, got {start}")
@@ -156,7 +167,9 @@ class Split:
             order = torch.randperm(self.num_samples, generator=_generator(_ORDER, seed, epoch))
         else:
             order = torch.arange(self.num_samples)
-        return order, range(start, self.num_batches(batch_size, drop_last=train))
+        r, parts = every
+        first = start + (r - start) % parts
+        return order, range(first, self.num_batches(batch_size, drop_last=train), parts)
 
 
 class TensorSplit(Split):
@@ -189,35 +202,41 @@ class TensorSplit(Split):
         self._std = torch.tensor(spec.std, device=self.device).view(1, -1, 1, 1)
 
     def batches(self, batch_size: int, *, epoch: int, seed: int, train: bool,
-                start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, todo = self._order(batch_size, epoch, seed, train, start)
+                start: int = 0, shard: tuple[int, int] = (0, 1),
+                every: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, todo = self._order(batch_size, epoch, seed, train, start, every)
         order = order.to(self.device)
         for b in todo:
-            idx = order[b * batch_size:(b + 1) * batch_size]
+            whole = order[b * batch_size:(b + 1) * batch_size]
+            lo, hi = _shard_bounds(len(whole), shard)
+            idx = whole[lo:hi]
             x = self._normalise(self.images[idx])
             if train and self.augment:
-                x = self._augmented(x, _generator(_AUGMENTATION, seed, epoch, b))
+                x = self._augmented(x, _generator(_AUGMENTATION, seed, epoch, b), len(whole), lo)
             yield x, self.labels[idx]
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.float32) * self._scale
         return (x - self._mean) / self._std
 
-    def _augmented(self, x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def _augmented(self, x: torch.Tensor, gen: torch.Generator, whole: int,
+                   offset: int) -> torch.Tensor:
         # Normalising is per-channel affine, so cropping and flipping after it gives the same
-        # pixels as before it, and the reflect padding can work on floats.
+        # pixels as before it, and the reflect padding can work on floats. The random draws are
+        # made for the whole batch (`whole` samples) and this slice takes its own from `offset`.
         n, c, h, w = x.shape
         p = self.pad
+        mine = slice(offset, offset + n)
         padded = F.pad(x, (p, p, p, p), mode="reflect")
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(self.device)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=gen).to(self.device)
+        dy = torch.randint(0, 2 * p + 1, (whole,), generator=gen)[mine].to(self.device)
+        dx = torch.randint(0, 2 * p + 1, (whole,), generator=gen)[mine].to(self.device)
         rows = dy[:, None] + torch.arange(h, device=self.device)  # (n, h)
         cols = dx[:, None] + torch.arange(w, device=self.device)  # (n, w)
         x = padded[torch.arange(n, device=self.device)[:, None, None, None],
                    torch.arange(c, device=self.device)[None, :, None, None],
                    rows[:, None, :, None], cols[:, None, None, :]]
         if self.augment == "crop_flip":
-            flip = (torch.rand(n, generator=gen) < 0.5).to(self.device)
+            flip = (torch.rand(whole, generator=gen)[mine] < 0.5).to(self.device)
             x = torch.where(flip[:, None, None, None], x.flip(3), x)
         return x
 
@@ -278,14 +297,16 @@ class FolderSplit(Split):
         self.num_samples = min(len(images), subset) if subset > 0 else len(images)
 
     def batches(self, batch_size: int, *, epoch: int, seed: int, train: bool,
-                start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order, todo = self._order(batch_size, epoch, seed, train, start)
+                start: int = 0, shard: tuple[int, int] = (0, 1),
+                every: tuple[int, int] = (0, 1)) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order, todo = self._order(batch_size, epoch, seed, train, start, every)
         augment = train and self.augment
         plan = []
         for b in todo:
             idx = order[b * batch_size:(b + 1) * batch_size].tolist()
+            lo, hi = _shard_bounds(len(idx), shard)
             plan.append([(i, _mix(_AUGMENTATION, seed, epoch, b, k) if augment else None)
-                         for k, i in enumerate(idx)])
+                         for k, i in enumerate(idx)][lo:hi])
         if not plan:
             return
         cuda = self.device.type == "cuda"

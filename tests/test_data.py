@@ -206,6 +206,38 @@ def test_start_resumes_with_identical_batches(augment):
     assert list(split.batches(8, epoch=2, seed=5, train=True, start=6)) == []
 
 
+@pytest.mark.parametrize("augment", [None, "crop_flip"])
+@pytest.mark.parametrize("replicas", [2, 4])
+def test_replica_shards_are_exact_slices_of_every_batch(augment, replicas):
+    """Data-parallel replicas: the shards of a batch, side by side, are that batch (pixels
+    and random crops/flips included), so D replicas see what one process would."""
+    split = ids_split(n=50, augment=augment)
+    whole = list(split.batches(8, epoch=1, seed=3, train=True, start=1))
+    shards = [list(split.batches(8, epoch=1, seed=3, train=True, start=1, shard=(r, replicas)))
+              for r in range(replicas)]
+    for b, (x, y) in enumerate(whole):
+        parts = [shard[b] for shard in shards]
+        assert all(len(py) == 8 // replicas for _, py in parts)
+        assert torch.equal(torch.cat([py for _, py in parts]), y)
+        assert torch.equal(torch.cat([px for px, _ in parts]), x)
+    if augment:   # the negative control: augmentation really is on and varies per sample
+        plain = list(ids_split(n=50).batches(8, epoch=1, seed=3, train=True, start=1))
+        assert not torch.equal(whole[0][0], plain[0][0])
+    with pytest.raises(ValueError, match="shard 2 of 2"):
+        next(split.batches(8, epoch=0, seed=0, train=True, shard=(2, 2)))
+
+
+def test_every_shares_out_the_test_batches():
+    split = ids_split(n=50)
+    all_batches = list(split.batches(8, epoch=0, seed=0, train=False))
+    mine = [list(split.batches(8, epoch=0, seed=0, train=False, every=(r, 3))) for r in range(3)]
+    assert [len(m) for m in mine] == [3, 2, 2]
+    for r in range(3):
+        for i, (x, y) in enumerate(mine[r]):
+            assert torch.equal(y, all_batches[r + 3 * i][1])
+            assert torch.equal(x, all_batches[r + 3 * i][0])
+
+
 def test_test_batches_are_fixed_and_complete():
     split = ids_split(n=50, augment="crop_flip")
     first = list(split.batches(8, epoch=0, seed=0, train=False))
