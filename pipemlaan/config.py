@@ -111,12 +111,18 @@ class RunConfig:
 class PipelineConfig:
     mode: str = _f("async", "lockstep (one batch in flight, equals the single-process run) or "
                    "async (several in flight, throughput)")
-    partition: list = _f([], "modules per rank, e.g. [2, 2]; empty = balanced from measured cost")
+    partition: list = _f([], "modules per stage (rank of a replica), e.g. [2, 2]; empty = "
+                         "balanced from measured cost")
     microbatches: int = _f(2, "batches in flight per rank in async mode (>= 1)")
     lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")
     timeout_s: float = _f(120.0, "seconds any wait on a peer may take before the run stops "
                           "with an error naming that peer")
     backend: str = _f("auto", "auto | gloo | nccl (auto: nccl on CUDA, gloo on CPU)")
+    replicas: int = _f(1, "data-parallel copies D of the pipeline: the world's R ranks run D "
+                       "pipelines of R/D stages; train.batch_size stays the global batch")
+    sync_bn: bool = _f(False, "with replicas > 1, BatchNorm statistics over the whole global "
+                       "batch (equals the single process; 2 all-reduces per layer) instead of "
+                       "per replica, as DDP does")
 
 
 SECTIONS = {
@@ -290,6 +296,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"pipeline.microbatches={p.microbatches}: must be at least 1")
     if p.lam_sync_every < 1:
         raise ConfigError(f"pipeline.lam_sync_every={p.lam_sync_every}: must be at least 1")
+    if p.replicas < 1:
+        raise ConfigError(f"pipeline.replicas={p.replicas}: must be at least 1")
     if p.timeout_s <= 0:
         raise ConfigError(f"pipeline.timeout_s={p.timeout_s}: must be positive")
     if any((not isinstance(n, int)) or n < 1 for n in p.partition):
@@ -304,16 +312,27 @@ def validate(cfg: Config) -> None:
 
 def validate_world(cfg: Config, world_size: int, num_modules: int) -> None:
     """Checks that depend on the number of ranks."""
-    if cfg.method.name == "bp" and world_size > 1:
-        raise ConfigError("method.name=bp trains one end-to-end module and runs on one rank; "
-                          "launch it without torchrun (or --nproc_per_node=1)")
-    if world_size > num_modules:
-        raise ConfigError(f"{world_size} ranks but only model.K={num_modules} local modules; "
-                          f"use at most {num_modules} ranks or raise model.K")
+    D = cfg.pipeline.replicas
+    if world_size % D:
+        raise ConfigError(f"pipeline.replicas={D} does not divide the {world_size} ranks; launch "
+                          f"a multiple of {D} ranks (replicas x stages)")
+    stages = world_size // D
+    if cfg.train.batch_size % D:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) does not "
+                          f"split evenly over pipeline.replicas={D}; use a multiple of {D}")
+    if cfg.method.name == "bp" and stages > 1:
+        raise ConfigError("method.name=bp trains one end-to-end module, so it cannot be split "
+                          "into stages; run it on one rank, or with pipeline.replicas equal to "
+                          "the number of ranks (data parallel)")
+    if stages > num_modules:
+        raise ConfigError(f"{world_size} ranks give {stages} pipeline stages per replica but "
+                          f"only model.K={num_modules} local modules; use at most "
+                          f"{num_modules} stages (ranks / pipeline.replicas) or raise model.K")
     part = cfg.pipeline.partition
-    if part and world_size > 1 and len(part) != world_size:
-        raise ConfigError(f"pipeline.partition={part} has {len(part)} entries but the world has "
-                          f"{world_size} ranks; give one count per rank or leave it empty")
+    if part and stages > 1 and len(part) != stages:
+        raise ConfigError(f"pipeline.partition={part} has {len(part)} entries but there are "
+                          f"{stages} stages per replica; give one count per stage or leave it "
+                          f"empty")
 
 
 def to_toml(cfg: Config) -> str:

@@ -94,7 +94,9 @@ class LiveView(NullView):
 
 def results_table(summary: dict) -> Table:
     t = Table(title=f"{summary['method']} {summary['model']} K={summary['K']} on "
-                    f"{summary['dataset']}, {summary['world_size']} rank(s)")
+                    f"{summary['dataset']}, {summary['world_size']} rank(s)"
+                    + (f" = {summary['replicas']} replicas x {summary['stages']} stages"
+                       if summary.get("replicas", 1) > 1 else ""))
     t.add_column("module", justify="right")
     t.add_column("test error (its head)", justify="right")
     for k, e in enumerate(summary["per_module_test_error"]):

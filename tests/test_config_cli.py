@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipemlaan.config import Config, TrainConfig, load_config
+from pipemlaan.config import Config, TrainConfig, load_config, validate_world
 from pipemlaan.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,6 +124,32 @@ def test_partition_must_sum_to_K():
         load_config(None, ["model.K=4", "pipeline.partition=[2, 3]"])
     assert load_config(None, ["model.K=4", "pipeline.partition=[1, 3]"]).pipeline.partition \
         == [1, 3]
+
+
+def test_replicas_checks_against_the_world():
+    """pipeline.replicas=D: the world is D x S ranks, train.batch_size the global batch."""
+    cfg = load_config(None, ["model.K=4", "pipeline.replicas=2", "train.batch_size=64"])
+    validate_world(cfg, 4, 4)          # 2 replicas x 2 stages
+    validate_world(cfg, 8, 4)          # 2 x 4
+    with pytest.raises(ConfigError, match=r"pipeline\.replicas=2 does not divide the 3 ranks"):
+        validate_world(cfg, 3, 4)
+    with pytest.raises(ConfigError, match=r"10 ranks give 5 pipeline stages.*model\.K=4"):
+        validate_world(cfg, 10, 4)
+    odd = load_config(None, ["model.K=4", "pipeline.replicas=4", "train.batch_size=66"])
+    with pytest.raises(ConfigError, match=r"train\.batch_size=66 .* pipeline\.replicas=4"):
+        validate_world(odd, 4, 4)
+    part = load_config(None, ["model.K=4", "pipeline.replicas=2", "pipeline.partition=[1,1,2]"])
+    with pytest.raises(ConfigError, match=r"2 stages per replica"):
+        validate_world(part, 4, 4)
+    validate_world(load_config(None, ["model.K=4", "pipeline.replicas=2",
+                                      "pipeline.partition=[1,3]"]), 4, 4)
+    # end-to-end BP cannot be cut into stages, but it can be replicated (plain data parallel)
+    bp = load_config(None, ["method.name=bp", "pipeline.replicas=2"])
+    validate_world(bp, 2, 1)
+    with pytest.raises(ConfigError, match=r"method\.name=bp"):
+        validate_world(bp, 4, 1)
+    with pytest.raises(ConfigError, match=r"pipeline\.replicas=0"):
+        load_config(None, ["pipeline.replicas=0"])
 
 
 @pytest.mark.parametrize("name,K", [("resnet8", 5), ("resnet20", 11), ("resnet32", 17)])

@@ -1,9 +1,9 @@
 """Point-to-point links between neighbouring pipeline ranks (gloo on CPU, NCCL on GPU).
 
 Two streams per neighbour pair, each in one direction and in a fixed order on both ends:
-- forward (rank r -> r+1): a header [kind, step, batch] then the boundary activation, the labels
-  and (InfoPro only) the images, for every training or evaluation batch;
-- window gradients (rank r+1 -> r): the gradients of the windows that go on past rank r+1's
+- forward (stage s -> s+1 of the same replica): a header [kind, step, batch] then the boundary
+  activation, the labels and (InfoPro only) the images, for every training or evaluation batch;
+- window gradients (stage s+1 -> s): the gradients of the windows that go on past stage s+1's
   first module, stacked in increasing window index, once per training batch.
 
 Receive buffers are allocated once, at start-up, as a ring of `microbatches + 1` slots: a rank
@@ -42,12 +42,12 @@ class Timer:
 
 
 class Links:
-    def __init__(self, rank: int, world: int, device: torch.device, *, in_shape, out_shape,
+    def __init__(self, rank: int, prev: int | None, next: int | None, device: torch.device, *,
+                 in_shape, out_shape,
                  image_shape, batch_size: int, grads_in: int, grads_out: int, ring: int,
                  timeout_s: float, act_dtype: torch.dtype = torch.float32):
-        self.rank, self.world, self.device = rank, world, device
-        self.prev = rank - 1 if rank > 0 else None
-        self.next = rank + 1 if rank < world - 1 else None
+        self.rank, self.device = rank, device
+        self.prev, self.next = prev, next     # neighbouring stages' global ranks (or None)
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.image_shape = tuple(image_shape) if image_shape else None
         self.batch_size = batch_size

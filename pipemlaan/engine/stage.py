@@ -17,7 +17,9 @@ process (see [Note: step order]).
      back-propagated with (g gradient + window gradients in increasing window index), the body
      takes its optimizer step (lr of step t) and the graph is freed.
 The sums are taken in a fixed order, never in arrival order, so a pipeline that delivers
-window gradients later gives bit-identical results. EMA twins move at the start of a step
+window gradients later gives bit-identical results. With data-parallel replicas every optimizer
+step of 2. and 4. first averages its gradients over the stage's replicas (engine/replicas.py);
+the step order is the same on every replica, so their collectives always pair up. EMA twins move at the start of a step
 (engine/lam.py), before any forward.
 
 In async mode a module whose windows end on a later rank finalises batch t only after the
@@ -55,8 +57,10 @@ class _Pending:
 
 class Stage:
     def __init__(self, cfg: Config, modules: list[LocalModule], plan: WindowPlan,
-                 device: torch.device, stash: bool = False, saved_tracker=None):
+                 device: torch.device, stash: bool = False, saved_tracker=None,
+                 grad_sync=None):
         self.cfg = cfg
+        self.grad_sync = grad_sync     # replicas.GradSync when the stage has replicas
         self.plan = plan
         self.device = device
         self.modules = {m.index: m for m in modules}
@@ -136,7 +140,10 @@ class Stage:
             total = total + part.detach()
             grads.append(z.grad)
         self.losses[k] = total
-        if torch.isfinite(total).all():
+        finite = bool(torch.isfinite(total).all())
+        heads = [p for head in (mod.g, mod.h) if head is not None
+                 for p in head.parameters() if p.requires_grad]
+        if self._agree(heads, finite):
             self._step(k, lr)   # head parameters only: the body has no gradient yet
             g_grad, h_grad = grads
         elif self.cfg.train.nonfinite == "skip":
@@ -147,8 +154,10 @@ class Stage:
             g_grad, h_grad = (None if head is None else torch.zeros_like(out)
                               for head in (mod.g, mod.h))
         else:
-            raise NonFiniteLoss(f"module {k} loss is {total.item()} at step {step}; lower "
-                                f"train.lr, or set train.nonfinite=skip to drop such batches")
+            what = f"loss is {total.item()}" if not finite else "loss is non-finite on another " \
+                "data-parallel replica"
+            raise NonFiniteLoss(f"module {k} {what} at step {step}; lower train.lr, or set "
+                                f"train.nonfinite=skip to drop such batches")
         pend.g_grad = g_grad
         if h_grad is not None:
             self._arrive(step, k, k, h_grad)
@@ -181,16 +190,29 @@ class Stage:
         for j in sorted(pend.windows):
             total = pend.windows[j] if total is None else total + pend.windows[j]
         params = [p for p in self.modules[k].body.parameters() if p.requires_grad]
-        if torch.isfinite(total).all():
+        finite = bool(torch.isfinite(total).all())
+        if finite:
             with torch.profiler.record_function(f"module {k} backward"):
                 torch.autograd.backward(pend.out, total, inputs=params)
+        if self._agree(params, finite):
             self._step(k, pend.lr)
         elif self.cfg.train.nonfinite == "skip":
             self.skipped[k] = self.skipped.get(k, 0) + 1
+            self.optimizers[k].zero_grad(set_to_none=True)
         else:
-            raise NonFiniteLoss(f"module {k} got a non-finite gradient at step {step}; lower "
-                                f"train.lr, or set train.nonfinite=skip to drop such batches")
+            where = "" if not finite else " on another data-parallel replica"
+            raise NonFiniteLoss(f"module {k} got a non-finite gradient{where} at step {step}; "
+                                f"lower train.lr, or set train.nonfinite=skip to drop such "
+                                f"batches")
         del self.pending[(step, k)]
+
+    def _agree(self, params: list[torch.Tensor], finite: bool) -> bool:
+        """Whether the step may go ahead; with replicas, also averages its gradients (every
+        replica takes or skips the step together, so their weights stay identical)."""
+        if self.grad_sync is None:
+            return finite
+        with torch.profiler.record_function("replica gradient all-reduce"):
+            return self.grad_sync.average(params, finite)
 
     def _step(self, k: int, lr: float) -> None:
         opt = self.optimizers[k]

@@ -2,7 +2,8 @@
 
 `Trainer(cfg, env)` does the start-up (collective checks, model, partition, links, resume);
 `train()` runs epochs of steps, evaluation and checkpoints, and returns the summary on rank 0.
-Rank 0 reads the data; the others receive activations from their left neighbour.
+Each replica's first stage reads its slice of every batch; the other stages receive activations
+from their left neighbour (with pipeline.replicas=1, rank 0 reads the data).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pipemlaan.engine.lam import LamSync
 from pipemlaan.engine.p2p import EVAL, TRAIN, Links
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
                                         measure_costs)
+from pipemlaan.engine.replicas import GradSync, Layout, new_groups, sync_batch_norm
 from pipemlaan.engine.schedule import lr_at
 from pipemlaan.engine.stage import NonFiniteLoss, Stage
 from pipemlaan.errors import ConfigError, PipemlaanError
@@ -60,33 +62,44 @@ class Trainer:
         except PipemlaanError as e:
             error = e
         agree(env, error)
+        D = cfg.pipeline.replicas
+        self.layout = Layout(env.rank, D, env.world // D)
+        stage_group, self.replica_group = new_groups(self.layout, env.distributed)
 
         self.shapes = self._module_output_shapes()
         self.partition = self._partition()
-        lo = sum(self.partition[:env.rank])
-        hi = lo + self.partition[env.rank]
+        lo = sum(self.partition[:self.layout.stage])
+        hi = lo + self.partition[self.layout.stage]
         owned = self.all_modules[lo:hi]
         for m in self.all_modules:
             if not (lo <= m.index < hi):
                 m.to("meta")   # other ranks' modules: keep the bookkeeping, drop the weights
         for m in owned:
             m.to(env.device)
+        grad_sync = None
+        if D > 1:
+            grad_sync = GradSync(stage_group, D, env.rank, cfg.pipeline.timeout_s)
+            if cfg.pipeline.sync_bn:
+                for m in owned:
+                    sync_batch_norm(m, grad_sync)
         self.is_first, self.is_last = lo == 0, hi == K
         self.tracker = SavedTensorTracker()
-        async_pipe = cfg.pipeline.mode == "async" and env.world > 1
+        pipelined = self.layout.stages > 1
+        async_pipe = cfg.pipeline.mode == "async" and pipelined
         self.stage = Stage(cfg, owned, self.plan, env.device, stash=async_pipe,
-                           saved_tracker=self.tracker)
+                           saved_tracker=self.tracker, grad_sync=grad_sync)
         self.in_flight = cfg.pipeline.microbatches if async_pipe else 1
         self.need_images = cfg.method.name == "infopro"
+        self.local_batch = cfg.train.batch_size // D
 
-        # Rank 0 owns the data; the schedule's lengths are broadcast to everyone.
+        # Each replica's first stage reads the data; the schedule's lengths come from rank 0.
         self.train_set = self.test_set = None
-        if env.rank == 0:
+        if self.is_first:
             self.train_set, self.test_set, _ = load_datasets(cfg.data, env.device)
+        lengths = None
+        if env.rank == 0:
             lengths = (self.train_set.num_batches(cfg.train.batch_size, True),
                        self.test_set.num_samples)
-        else:
-            lengths = None
         self.steps_per_epoch, self.test_samples = broadcast(env, lengths)
         if self.steps_per_epoch == 0:
             raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the "
@@ -95,12 +108,12 @@ class Trainer:
         self.total_steps = min(full, cfg.train.max_steps) if cfg.train.max_steps else full
 
         self.links = None
-        if env.distributed:
+        if pipelined:
             self.links = Links(
-                env.rank, env.world, env.device,
+                env.rank, self.layout.prev, self.layout.next, env.device,
                 in_shape=self.shapes[lo - 1] if lo > 0 else self.spec_shape,
                 out_shape=self.shapes[hi - 1], image_shape=self.spec_shape if self.need_images
-                else None, batch_size=cfg.train.batch_size, grads_in=len(self.stage.from_next),
+                else None, batch_size=self.local_batch, grads_in=len(self.stage.from_next),
                 grads_out=len(self.stage.to_prev), ring=self.in_flight + 1,
                 timeout_s=cfg.pipeline.timeout_s)
             self.links.handshake(self.config_hash())
@@ -169,8 +182,10 @@ class Trainer:
         return shapes
 
     def _partition(self) -> list[int]:
+        """Modules per stage (the same in every replica)."""
         cfg, env, K = self.cfg, self.env, len(self.all_modules)
-        if env.world == 1:
+        stages = self.layout.stages
+        if stages == 1:
             return [K]
         if cfg.pipeline.partition:
             parts = list(cfg.pipeline.partition)
@@ -187,25 +202,24 @@ class Trainer:
             for m in mods:
                 m.to("cpu")
         costs = broadcast(env, costs)
-        parts = balanced_partition(costs, env.world, self.min_per_rank)
+        parts = balanced_partition(costs, stages, self.min_per_rank)
         print0(env, describe(parts, costs))
         return parts
 
     def _lam_sync(self, lo: int, hi: int) -> LamSync | None:
         if not any(m.twin is not None for m in self.all_modules):
             return None
+        # LAM weights travel within a replica: block -> the global rank of its stage here
         owner = {}
         start = 0
-        for r, n in enumerate(self.partition):
+        for s, n in enumerate(self.partition):
             for m in self.all_modules[start:start + n]:
                 for b in range(m.block_range[0], m.block_range[1] + 1):
-                    owner[b] = r
+                    owner[b] = self.layout.rank_of(self.layout.replica, s)
             start += n
         live = {b: self.backbone.blocks[b] for b, r in owner.items() if r == self.env.rank}
-        group = torch.distributed.new_group(list(range(self.env.world))) \
-            if self.env.distributed else None
         return LamSync(self.cfg, self.env.rank, self.stage.modules, self.all_modules, owner,
-                       live, self.total_steps, group=group, device=self.env.device)
+                       live, self.total_steps, group=self.replica_group, device=self.env.device)
 
     # ---- the loop ------------------------------------------------------------------------
     def train(self) -> dict | None:
@@ -229,12 +243,12 @@ class Trainer:
                     due = (self.epoch % cfg.train.eval_every == 0)
                     if due or last:
                         eval_result = self.evaluate()
-                        self._log_eval(eval_result)
+                        self._log_eval(eval_result, train_time)
                     if self.epoch % cfg.run.checkpoint_every == 0 or last:
                         self.save_checkpoint()
                 elif last:
                     eval_result = self.evaluate()
-                    self._log_eval(eval_result)
+                    self._log_eval(eval_result, train_time)
                     self.save_checkpoint()
             if self.lam:
                 self.lam.finish()
@@ -251,7 +265,8 @@ class Trainer:
         batches = None
         if self.is_first:
             batches = self.train_set.batches(bs, epoch=self.epoch, seed=cfg.train.seed,
-                                             train=True, start=self.batch_in_epoch)
+                                             train=True, start=self.batch_in_epoch,
+                                             shard=(self.layout.replica, self.layout.replicas))
         stage.train(True)
         done, window_t0, window_images = 0, time.perf_counter(), 0
         compute = 0.0
@@ -322,6 +337,7 @@ class Trainer:
         timer = self.links.timer if self.links else None
         return {
             "kind": "train", "step": self.step, "epoch": self.epoch, "rank": self.env.rank,
+            "replica": self.layout.replica, "stage": self.layout.stage,
             "modules": self.stage.indices, "lr": lr,
             "losses": {str(k): float(v) for k, v in self.stage.losses.items()},
             "images_per_s": images_per_s, "compute_frac": compute_frac,
@@ -343,15 +359,18 @@ class Trainer:
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Streams the test set through the pipeline; every rank scores its own heads."""
+        """Streams the test set through the pipeline; every rank scores its own heads. With
+        replicas, replica r takes every D-th test batch from batch r on."""
         cfg, links, stage = self.cfg, self.links, self.stage
         stage.train(False)
-        bs = cfg.train.batch_size
+        bs = self.local_batch
         n_batches = -(-self.test_samples // bs)
+        mine = range(self.layout.replica, n_batches, self.layout.replicas)
         counts = {k: [0, 0] for k in stage.indices}
-        batches = (self.test_set.batches(bs, epoch=0, seed=0, train=False)
+        batches = (self.test_set.batches(bs, epoch=0, seed=0, train=False,
+                                         every=(self.layout.replica, self.layout.replicas))
                    if self.is_first else None)
-        for i in range(n_batches):
+        for i in mine:
             if self.is_first:
                 x, y = next(batches)
                 images = x if self.need_images else None
@@ -368,17 +387,20 @@ class Trainer:
         stage.train(True)
         merged = {}
         for part in gather_all(self.env, counts):
-            merged.update(part)
+            for k, (top1, top5) in part.items():
+                merged[k] = [merged.get(k, [0, 0])[0] + top1, merged.get(k, [0, 0])[1] + top5]
         n = self.test_samples
         K = len(self.all_modules)
         per_module = [100.0 * (1 - merged[k][0] / n) for k in range(K)]
         return {"per_module_test_error": per_module, "test_top1_error": per_module[-1],
                 "test_top5_error": 100.0 * (1 - merged[K - 1][1] / n)}
 
-    def _log_eval(self, result: dict) -> None:
+    def _log_eval(self, result: dict, train_s: float) -> None:
+        """`train_s`: training seconds of this launch so far, evaluation excluded (what a
+        time-to-accuracy comparison reads)."""
         if self.env.rank == 0:
             self.metrics.write({"kind": "eval", "step": self.step, "epoch": self.epoch,
-                                "rank": 0, **result})
+                                "rank": 0, "train_s": train_s, **result})
             console.print(f"epoch {self.epoch} step {self.step}: test top-1 error "
                           f"{result['test_top1_error']:.2f}%, top-5 "
                           f"{result['test_top5_error']:.2f}%")
@@ -387,9 +409,11 @@ class Trainer:
     def save_checkpoint(self) -> None:
         d = ckpt.step_dir(self.run_dir, self.step)
         sums, error = {}, None
+        # replicas hold identical weights: replica 0 writes them (every replica loads them)
+        mine = self.stage.modules.items() if self.layout.replica == 0 else []
         try:
             d.mkdir(parents=True, exist_ok=True)
-            for k, mod in self.stage.modules.items():
+            for k, mod in mine:
                 state = {"module": mod.state_dict(),
                          "optimizer": self.stage.optimizers[k].state_dict(),
                          "lam_snapshot": self.lam.state(k) if self.lam else None}
@@ -406,7 +430,8 @@ class Trainer:
         if self.env.rank == 0:
             ckpt.write_meta(self.run_dir, self.step, {
                 "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "K": len(self.all_modules), "world_size": self.env.world}, merged)
+                "K": len(self.all_modules), "world_size": self.env.world,
+                "replicas": self.layout.replicas}, merged)
         if self.env.distributed:
             barrier(self.env)
 
@@ -441,19 +466,22 @@ class Trainer:
                 for p in m.h.parameters():
                     backbone_sum += p.detach().double().sum().item()
         mine = {"losses": {k: float(v) for k, v in self.stage.losses.items()},
-                "param_sum": backbone_sum, "train_time": train_time,
-                "activation_bytes": self.tracker.peak, **self._memory()}
+                "param_sum": backbone_sum,
+                "train_time": train_time, "activation_bytes": self.tracker.peak,
+                **self._memory()}
         parts = gather_all(self.env, mine)
         if self.env.rank != 0:
             return None
-        losses = {}
+        losses = {}     # each replica's loss is over its slice: the global batch's is the mean
         for p in parts:
-            losses.update(p["losses"])
+            for k, v in p["losses"].items():
+                losses[k] = losses.get(k, 0.0) + v / self.layout.replicas
         slowest = max(p["train_time"] for p in parts)
         summary = {
             "method": method_label(self.cfg.method), "model": self.cfg.model.name,
             "dataset": self.cfg.data.name, "K": len(self.all_modules),
-            "world_size": self.env.world, "partition": self.partition,
+            "world_size": self.env.world, "replicas": self.layout.replicas,
+            "stages": self.layout.stages, "partition": self.partition,
             "mode": self.cfg.pipeline.mode, "epochs": self.epoch, "steps": self.step,
             **result,
             "images_per_s": images / slowest if slowest > 0 else 0.0,
@@ -461,7 +489,9 @@ class Trainer:
             "peak_memory_bytes": [p["peak_memory_bytes"] for p in parts],
             "activation_bytes": [p["activation_bytes"] for p in parts],
             "final_train_loss_per_module": [losses.get(k) for k in range(len(self.all_modules))],
-            "param_checksum": sum(p["param_sum"] for p in parts),
+            "param_checksum": sum(p["param_sum"] for p in parts[:self.layout.stages]),
+            # replicas of a stage must agree: a difference means they drifted apart
+            "param_checksum_per_rank": [p["param_sum"] for p in parts],
             "device": str(self.env.device),
         }
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -1,0 +1,187 @@
+"""Data-parallel replicas of the pipeline: R = D x S ranks run D copies of an S-stage pipeline.
+
+Rank layout: rank = replica * S + stage, so each replica's stages sit on consecutive ranks (one
+node holds whole pipelines when S divides its GPU count; only the gradient all-reduce crosses
+nodes). `train.batch_size` stays the *global* batch: replica r trains on the r-th 1/D slice of
+every batch, so a run means the same thing whatever D is.
+
+The D ranks that hold the same stage form a process group. Before every optimizer step (a
+module's heads, then later its body: see [Note: step order] in stage.py) they average that
+step's gradients in one flat all-reduce, together with a flag saying whether the step's loss
+was finite on every replica, so that replicas always take (or skip) the same steps and their
+weights stay identical. With `pipeline.sync_bn=true` the stage's BatchNorm layers also use
+batch statistics over the whole global batch (a SyncBatchNorm that works on gloo and CPU, which
+torch's own does not); then a lockstep D x S run equals the single process at the same global
+batch. Without it each replica normalises with its own slice's statistics, as DDP does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipemlaan.engine.watchdog import peer_failure
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a rank sits in the D x S grid."""
+    rank: int
+    replicas: int
+    stages: int
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.stages
+
+    @property
+    def stage(self) -> int:
+        return self.rank % self.stages
+
+    def rank_of(self, replica: int, stage: int) -> int:
+        return replica * self.stages + stage
+
+    @property
+    def prev(self) -> int | None:
+        return self.rank - 1 if self.stage > 0 else None
+
+    @property
+    def next(self) -> int | None:
+        return self.rank + 1 if self.stage < self.stages - 1 else None
+
+
+def new_groups(layout: Layout, distributed: bool):
+    """(this rank's stage group for gradients or None, this rank's replica group for LAM or
+    None). Every rank creates every group, in the same order, as torch.distributed requires."""
+    if not distributed:
+        return None, None
+    stage_group = replica_group = None
+    if layout.replicas > 1:
+        for s in range(layout.stages):
+            g = dist.new_group([layout.rank_of(r, s) for r in range(layout.replicas)])
+            if s == layout.stage:
+                stage_group = g
+    for r in range(layout.replicas):
+        g = dist.new_group([layout.rank_of(r, s) for s in range(layout.stages)])
+        if r == layout.replica:
+            replica_group = g
+    return stage_group, replica_group
+
+
+class GradSync:
+    """Averages a step's gradients over the replicas of one stage, in one flat all-reduce."""
+
+    def __init__(self, group, replicas: int, rank: int, timeout_s: float):
+        self.group, self.replicas, self.rank = group, replicas, rank
+        self.timeout = timedelta(seconds=timeout_s)
+
+    def average(self, params: list[torch.Tensor], ok: bool) -> bool:
+        """Replaces each parameter's gradient by the replicas' mean (a missing gradient counts
+        as zero). Returns False, leaving gradients alone, if any replica's step is not ok."""
+        had = [p.grad is not None for p in params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        like = grads[0] if grads else torch.empty(0)
+        flag = torch.zeros(1, dtype=like.dtype, device=like.device) + (0.0 if ok else 1.0)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [flag])
+        self._all_reduce(flat, "averaging gradients")
+        if flat[-1].item() > 0:
+            return False
+        flat.div_(self.replicas)
+        i = 0
+        for p, has in zip(params, had):
+            # every replica has the same parameters without a gradient (same structure):
+            # they stay without one, so the optimizer skips them as in the single process
+            if has:
+                p.grad.copy_(flat[i:i + p.numel()].view_as(p))
+            i += p.numel()
+        return True
+
+    def _all_reduce(self, flat: torch.Tensor, what: str) -> None:
+        work = dist.all_reduce(flat, group=self.group, async_op=True)
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as e:
+            raise peer_failure(self.rank, f"{what} with this stage's replicas", None, e,
+                               self.timeout.total_seconds()) from e
+
+
+class _SyncBatchNormFn(torch.autograd.Function):
+    """Batch norm over the union of the replicas' batches. Sums (never means) are all-reduced,
+    so each replica's loss may be a mean over its own slice: the gradients then come out D times
+    the global ones, which GradSync's average undoes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, sync):
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = torch.tensor([xf.numel() // xf.shape[1]], dtype=xf.dtype, device=xf.device)
+        stats = torch.cat([xf.sum(dims), count])
+        sync._all_reduce(stats, "synchronising batch norm")
+        n = stats[-1]
+        mean = stats[:-1] / n
+        centred = xf - mean.view(shape)
+        sq = (centred * centred).sum(dims)     # two passes: as exact as native batch norm
+        sync._all_reduce(sq, "synchronising batch norm")
+        var = sq / n
+        invstd = torch.rsqrt(var + eps)
+        xhat = centred * invstd.view(shape)
+        y = xhat * weight.view(shape) + bias.view(shape)
+        unbiased = var * (n / (n - 1).clamp(min=1))
+        ctx.save_for_backward(xhat, invstd, weight)
+        ctx.n, ctx.sync, ctx.dims, ctx.shape, ctx.dtype = n, sync, dims, shape, x.dtype
+        ctx.mark_non_differentiable(mean, unbiased)
+        return y.to(x.dtype), mean, unbiased
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        xhat, invstd, weight = ctx.saved_tensors
+        dims, shape = ctx.dims, ctx.shape
+        dy = dy.float()
+        dbias = dy.sum(dims)
+        dweight = (dy * xhat).sum(dims)
+        sums = torch.cat([dbias, dweight])
+        ctx.sync._all_reduce(sums, "synchronising batch norm gradients")
+        c = dbias.numel()
+        mean_dy, mean_dy_xhat = sums[:c] / ctx.n, sums[c:] / ctx.n
+        dx = (weight * invstd).view(shape) * (dy - mean_dy.view(shape)
+                                             - xhat * mean_dy_xhat.view(shape))
+        return dx.to(ctx.dtype), dweight, dbias, None, None
+
+
+class ReplicaBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics cover every replica's slice of the batch.
+    Same parameters and buffers as BatchNorm2d, so checkpoints and LAM snapshots are unchanged."""
+
+    sync: GradSync | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.sync is None or not self.affine:
+            return super().forward(x)
+        y, mean, var = _SyncBatchNormFn.apply(x, self.weight, self.bias, self.eps, self.sync)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
+                     else self.momentum)
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.to(self.running_var.dtype), alpha=m)
+        return y
+
+
+def sync_batch_norm(module: nn.Module, sync: GradSync) -> int:
+    """Turns every BatchNorm2d under `module` into a ReplicaBatchNorm in place (sharing its
+    parameters and buffers). Returns how many were converted."""
+    n = 0
+    for bn in module.modules():
+        if type(bn) is nn.BatchNorm2d:
+            bn.__class__ = ReplicaBatchNorm
+            bn.sync = sync
+            n += 1
+        elif isinstance(bn, ReplicaBatchNorm):
+            bn.sync = sync
+    return n
