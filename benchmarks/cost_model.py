@@ -13,8 +13,9 @@ bubble, so the slowest stage sets the pace; that is the whole model.
       measures per-module costs on this machine (one thread, the benchmark's model/batch) and
       compares the predicted single-process and pipeline images/s with the measured ones;
   python -m benchmarks.cost_model --project
-      projects 1..64-GPU set-ups (stages x replicas) for ResNet-110 K=55 and ResNet-32 K=16 at
-      CIFAR shapes from FLOP counts and stated assumptions about the GPUs and links.
+      projects 1..64-GPU set-ups (stages x replicas), and every layout of 8 nodes x 8 GPUs,
+      for ResNet-110 K=55 and ResNet-32 K=16 at CIFAR shapes from FLOP counts and stated
+      assumptions about the GPUs and links (batch per replica: train.batch_size = D x 1024).
 """
 
 from __future__ import annotations
@@ -153,13 +154,20 @@ ASSUMPTIONS = {
 }
 
 
-def project(model: str, K: int, method: str, batch_per_replica: int) -> list[dict]:
+LAYOUTS = [(1, 1), (4, 4), (8, 8), (8, 4), (64, 8), (64, 16)]     # (GPUs, stages)
+EIGHT_NODES = [(64, s) for s in (4, 8, 16, 32)]                    # 8 nodes x 8 GPUs
+
+
+def project(model: str, K: int, method: str, batch_per_replica: int,
+            layouts: list[tuple[int, int]] = LAYOUTS) -> list[dict]:
     a = ASSUMPTIONS
     setup = flop_setup(model, K, method, batch_per_replica, (3, 32, 32), a["gpu_flops_per_s"])
     plan_reach = window_plan(_cfg(model, K, method), K).max_reach()
     base = predict(setup, [K], bandwidth=float("inf"))["images_per_s"]
     rows = []
-    for gpus, stages in [(1, 1), (4, 4), (8, 8), (8, 4), (64, 8), (64, 16)]:
+    for gpus, stages in layouts:
+        if stages > K:
+            continue
         replicas = gpus // stages
         part = balanced_partition(setup.costs, stages, max(1, plan_reach - 1))
         # stages inside a node talk over NVLink; replicas of one stage sit on different nodes
@@ -200,16 +208,20 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['measured']:7.1f} images/s  ({r['error']:+.0%})")
     if args.project:
         out["assumptions"] = ASSUMPTIONS
-        out["projections"] = {}
-        for model, K in (("resnet110", 55), ("resnet32", 16)):
-            rows = project(model, K, "dgl+mlaan", 1024)
-            out["projections"][f"{model} K={K}"] = rows
-            print(f"{model} K={K}, DGL+MLAAN, batch 1024 per replica (assumptions: "
-                  f"{ASSUMPTIONS})")
-            for r in rows:
-                print(f"  {r['gpus']:>3} GPUs = {r['stages']:>2} stages x {r['replicas']:>2} "
-                      f"replicas: {r['images_per_s']:9.0f} img/s, speed-up "
-                      f"{r['speedup']:5.1f}x, efficiency {r['efficiency']:.0%}")
+        for key, layouts, title in (
+                ("projections", LAYOUTS, f"DGL+MLAAN, batch 1024 per replica ({ASSUMPTIONS})"),
+                ("eight_nodes", EIGHT_NODES, "8 nodes x 8 GPUs (pipelines inside a node up to "
+                                             "8 stages, gradient all-reduce across nodes)")):
+            out[key] = {}
+            for model, K in (("resnet110", 55), ("resnet32", 16)):
+                rows = project(model, K, "dgl+mlaan", 1024, layouts)
+                out[key][f"{model} K={K}"] = rows
+                print(f"{model} K={K}, {title}")
+                for r in rows:
+                    print(f"  {r['gpus']:>3} GPUs = {r['stages']:>2} stages x "
+                          f"{r['replicas']:>2} replicas: {r['images_per_s']:9.0f} img/s, "
+                          f"speed-up {r['speedup']:5.1f}x, efficiency {r['efficiency']:.0%}, "
+                          f"stage balance {r['balance']:.0%}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return 0
