@@ -4,18 +4,22 @@ ablation (DGL with neither / MLM / LAM / both) and layer-wise accuracy.
   python -m benchmarks.study --quick        # one seed, 20k training images, 1 epoch (~15 min)
   python -m benchmarks.study                # 2 seeds, full data, 3 epochs (hours on 2 cores)
   python -m benchmarks.study --seeds 0,1,2 --epochs 10 --ranks 4 --async-check
+  python -m benchmarks.study --epochs 1 --jobs 2 --async-check   # what results/ holds (~1.5 h)
 
 Every run is a real `python -m pipemlaan.train` (single process unless --ranks > 1), same
 backbone (ResNet-20), same K, same epochs and seeds for every method. Results: test error mean
 and spread over seeds, wall time, images/s and per-rank memory, written as JSON + Markdown in
 benchmarks/results/, and a plot of every module head's test error (the paper's Figure 5 shape)
 for dgl and dgl+mlaan. `--async-check` also trains dgl+mlaan as a 4-rank async pipeline to show
-it reaches the single-process accuracy within the seed spread.
+it reaches the single-process accuracy within the seed spread. `--jobs J` runs J single-process
+runs at once with cpu_count/J threads each (runs are independent, so this only changes wall time
+and images/s, which are then per-run figures under shared cores).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as cf
 import datetime as dt
 import json
 import os
@@ -49,6 +53,10 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
     env = {**os.environ}
+    if ranks == 1 and args.jobs > 1:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        flags.append(f"--train.threads={threads}")
+        env["OMP_NUM_THREADS"] = str(threads)
     if ranks > 1:
         env["OMP_NUM_THREADS"] = "1"
         cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
@@ -113,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--async-check", action="store_true",
                    help="also train dgl+mlaan as a 4-rank async pipeline")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="single-process runs at once (each gets cpu_count/jobs threads)")
+    p.add_argument("--workdir", default="",
+                   help="keep every run's directory here (default: a temporary directory)")
     p.add_argument("--timeout", type=int, default=6 * 3600)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick:
@@ -121,10 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     methods = args.methods.split(",")
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     results, raw = {}, {}
-    with tempfile.TemporaryDirectory(prefix="pipemlaan-study-") as tmp:
-        for method in methods:
-            raw[method] = [run(args, method, s, args.ranks, Path(tmp)) for s in seeds]
-            results[method] = aggregate(raw[method])
+    with tempfile.TemporaryDirectory(prefix="pipemlaan-study-") as scratch:
+        tmp = args.workdir or scratch
+        jobs = args.jobs if args.ranks == 1 else 1
+        with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = {m: [pool.submit(run, args, m, s, args.ranks, Path(tmp)) for s in seeds]
+                       for m in methods}
+            for method in methods:
+                raw[method] = [f.result() for f in futures[method]]
+                results[method] = aggregate(raw[method])
         if args.async_check:
             raw["dgl+mlaan async 4 ranks"] = [run(args, "dgl+mlaan", s, 4, Path(tmp))
                                               for s in seeds]
@@ -137,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
              f"Command: `python -m benchmarks.study {' '.join(sys.argv[1:])}`", "",
              f"{args.model}, K={args.K}, {args.epochs} epoch(s), batch {args.batch}, lr "
              f"{args.lr}, seeds {seeds}, train subset {args.train_subset or 'all 60000'}, "
-             f"test set 10000, {args.ranks} rank(s).", "",
+             f"test set 10000, {args.ranks} rank(s), {args.jobs} run(s) at once on "
+             f"{os.cpu_count()} CPU cores.", "",
              "| method | test top-1 error (mean ± half-range) | wall s | images/s | "
              "peak memory per rank (MiB) |", "|---|---|---|---|---|"]
     for m, r in results.items():
