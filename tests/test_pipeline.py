@@ -40,6 +40,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipemlaan.config import load_config
+from pipemlaan.data import dataset_spec
+from pipemlaan.local.module import build_local_modules
+
 REPO = Path(__file__).resolve().parents[1]
 _VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = str(_VENV_BIN / "python") if (_VENV_BIN / "python").exists() else sys.executable
@@ -79,6 +83,7 @@ METHODS = {
     "infopro+mlaan": ["--method.name=infopro", "--method.mlm=true", "--method.lam=true"],
 }
 MLAAN = METHODS["dgl+mlaan"]
+BP = ["--method.name=bp", "--method.mlm=false", "--method.lam=false"]
 
 WINDOW3_K = 6
 WINDOW3 = [a for a in LOCKSTEP if not a.startswith(("--model.K=", "--model.name="))] + \
@@ -283,6 +288,12 @@ for _n, _mb in ASYNC_CASES:
     JOBS[f"async-{_n}-mb{_mb}"] = partial(_train_job, _n, [
         *ASYNC, *MLAAN, f"--pipeline.microbatches={_mb}",
         "--pipeline.partition=[" + ",".join([str(K // _n)] * _n) + "]"])
+# LAM across ranks in async mode: a fast EMA, so a twin that follows its live block ends up
+# close to it; launched twice, since async runs must not depend on timing
+ASYNC_LAM = [*ASYNC, *MLAAN, "--method.ema_decay=0.9", "--pipeline.microbatches=2",
+             "--pipeline.partition=[1,1,1,1]"]
+JOBS["async-lam-4"] = partial(_train_job, 4, ASYNC_LAM)
+JOBS["async-lam-4-again"] = partial(_train_job, 4, ASYNC_LAM)
 JOBS["resume-2-then-4"] = _resume_job
 
 # Data-parallel replicas. At lr 0.1 these 16-image runs are chaotic enough that float rounding
@@ -297,6 +308,10 @@ for _m in DP_METHODS:
     for _lay, _n in DP_LAYOUTS.items():
         JOBS[f"dp-{_lay}-{_m}"] = partial(_train_job, _n, [
             *LOCKSTEP, *METHODS[_m], *DP_LR, "--pipeline.replicas=2", "--pipeline.sync_bn=true"])
+# end-to-end BP cannot be cut into stages, but D replicas of it are plain data parallelism
+JOBS["ref-lr002-bp"] = partial(_train_job, 1, [*LOCKSTEP, *BP, *DP_LR])
+JOBS["dp-2x1-bp"] = partial(_train_job, 2, [*LOCKSTEP, *BP, *DP_LR, "--pipeline.replicas=2",
+                                            "--pipeline.sync_bn=true"])
 JOBS["dp-2x2-async"] = partial(_train_job, 4, [*ASYNC, *MLAAN, "--pipeline.replicas=2"])
 JOBS["dp-indivisible"] = partial(_train_job, 3, [*LOCKSTEP, *MLAAN, "--pipeline.replicas=2"],
                                  timeout=FAIL_TIMEOUT_S)
@@ -522,6 +537,51 @@ def test_async_pipeline_trains(runner, ranks, microbatches):
         assert late < early, f"module {k}: mean loss {early:.4f} early, {late:.4f} late"
 
 
+@needs(lambda: ["async-lam-4"])
+def test_async_twins_follow_live_blocks_on_other_ranks(runner):
+    """Every twin's live block sits on a later rank here. In async mode the owners' snapshots
+    must reach the twin (they once never did: gloo's irecv never reports completion before it
+    is waited on, so polling for arrived snapshots left every twin at its initial weights)."""
+    res = runner.get("async-lam-4").check()
+    cfg = load_config(None, ASYNC_LAM)
+    _, mods = build_local_modules(cfg, dataset_spec(cfg.data))
+    states = res.module_states(K)
+    followed = 0
+    for m in mods:
+        if m.twin is None:
+            continue
+        owner = next(o for o in mods if o.block_range[0] <= m.twin_source <= o.block_range[1])
+        assert owner.index != m.index
+        live_prefix = f"body.{m.twin_source - owner.block_range[0]}."
+        live = {n[len(live_prefix):]: t for n, t in states[owner.index].items()
+                if n.startswith(live_prefix)}
+        twin = {n[len("h.twin."):]: t for n, t in states[m.index].items()
+                if n.startswith("h.twin.")}
+        init = m.twin.state_dict()
+        names = [n for n, t in init.items() if t.is_floating_point()]
+        assert names and set(names) <= set(live) and set(names) <= set(twin)
+        moved = sum(float((live[n] - init[n]).norm() ** 2) for n in names) ** 0.5
+        gap = sum(float((live[n] - twin[n]).norm() ** 2) for n in names) ** 0.5
+        assert moved > 0, f"module {owner.index}'s live block never trained"
+        assert gap < 0.6 * moved, (f"module {m.index}'s twin stayed far from the live block "
+                                   f"it follows ({gap:.4f} vs {moved:.4f} from the start)")
+        followed += 1
+    assert followed >= 2, "the config has fewer cross-rank twins than this test needs"
+
+
+@needs(lambda: ["async-lam-4", "async-lam-4-again"])
+def test_async_runs_do_not_depend_on_timing(runner):
+    """Async staleness is fixed by the schedule (micro-batches in flight, the LAM lag), not
+    by which message happens to arrive first: two launches give the same weights."""
+    a = runner.get("async-lam-4").check()
+    b = runner.get("async-lam-4-again").check()
+    sa, sb = a.module_states(K), b.module_states(K)
+    for k in range(K):
+        for name, t in sa[k].items():
+            assert torch.equal(t, sb[k][name]), f"module {k} {name} differs between launches"
+    assert a.summary()["per_module_test_error"] == b.summary()["per_module_test_error"]
+
+
 @pytest.mark.parametrize("ranks", sorted({n for n, _ in ASYNC_CASES}))
 @needs(lambda ranks: [f"async-{ranks}-mb{mb}" for n, mb in ASYNC_CASES if n == ranks])
 def test_async_more_microbatches_keep_more_batches_in_flight(runner, ranks):
@@ -641,6 +701,17 @@ def test_replicas_lockstep_equal_single_process_at_same_global_batch(runner, met
                                                              rel=RTOL, abs=ATOL)
     sums = s["param_checksum_per_rank"]
     assert sums[:stages] == sums[stages:], "the replicas' weights drifted apart"
+
+
+@needs(lambda: ["ref-lr002-bp", "dp-2x1-bp"])
+def test_bp_replicas_are_data_parallel_bp(runner):
+    ref = runner.get("ref-lr002-bp").check()
+    got = runner.get("dp-2x1-bp").check()
+    s = got.summary()
+    assert (s["world_size"], s["replicas"], s["stages"], s["K"]) == (2, 2, 1, 1)
+    assert_losses_match(ref, got, LOCK_STEPS, 1, replicas=2)
+    assert_params_match(ref, got, 1)
+    assert s["per_module_test_error"] == ref.summary()["per_module_test_error"]
 
 
 @needs(lambda: ["ref-lr002-dgl+mlaan", "dp-2x2-dgl+mlaan"])

@@ -8,9 +8,14 @@ last one taken, and it is checkpointed with the module):
 - a block owned by a later rank is sent by its owner, on a process group of its own, right
   after the owner's step t-1 ("publish"), as one flat tensor per (owner, receiver) pair.
 Then every twin (or, with method.ema_only_last, only the last module's) takes one EMA step
-toward its snapshot. Lockstep mode waits for each snapshot, so it equals the single process;
-async mode only takes snapshots that have already arrived and never blocks the forward stream,
-then drains what is left at the end.
+toward its snapshot. Lockstep mode waits for each snapshot, so it equals the single process.
+
+Async mode takes, at step t, the snapshots published up to step t - lag, with lag = (stages
+between owner and receiver) x pipeline.microbatches. Upstream ranks run ahead of downstream ones
+by about that many steps, so in steady state the owner has already sent that snapshot and the
+wait does not block the forward stream; and the staleness is fixed, so an async run's result
+does not depend on timing. (Taking "whatever has arrived" cannot work: gloo's irecv never
+reports completion until it is waited on, so the twins would never move.)
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class LamSync:
         self.every = cfg.pipeline.lam_sync_every
         self.decay = cfg.method.ema_decay
         self.lockstep = cfg.pipeline.mode == "lockstep"
+        self.microbatches = cfg.pipeline.microbatches
         self.timeout = timedelta(seconds=cfg.pipeline.timeout_s)
         self.rank, self.group, self.total = rank, group, total_steps
         self.device = device
@@ -72,9 +78,13 @@ class LamSync:
                     blocks.append(b)
         for blocks in self.send_to.values():
             blocks.sort()
-        self._pending_recv: dict[int, tuple] = {}
-        self._remaining: dict[int, int] = {}
-        self._sends: list = []
+        self._pending_recv: dict[int, tuple] = {}    # owner -> (work, buffer, its step)
+        self._sends: dict[int, list] = {q: [] for q in self.send_to}
+
+    def lag(self, owner: int, receiver: int) -> int:
+        """Steps between an owner's snapshot and the step that uses it (see the docstring);
+        owners sit downstream of their receivers, in the same replica, on consecutive ranks."""
+        return 0 if self.lockstep else (owner - receiver) * self.microbatches
 
     def _like(self, blocks: list[int]) -> list[torch.Tensor]:
         return [t for b in blocks for t in self.snap[b]]
@@ -82,8 +92,9 @@ class LamSync:
     def _is_sync_step(self, t: int) -> bool:
         return t % self.every == 0 and t < self.total
 
-    def expected_messages(self, start: int) -> int:
-        return sum(1 for t in range(start, self.total) if self._is_sync_step(t))
+    def _next_sync_step(self, t: int) -> int | None:
+        t += (-t) % self.every
+        return t if t < self.total else None
 
     # ---- owner side ----------------------------------------------------------------------
     def publish(self, t: int) -> None:
@@ -92,62 +103,59 @@ class LamSync:
             return
         for q, blocks in self.send_to.items():
             flat = _flat([x for b in blocks for x in block_state(self.live[b])])
-            self._sends.append((dist.isend(flat, q, group=self.group), flat, q))
-        if self.lockstep:
-            self.flush()
-        else:
-            self._sends = [s for s in self._sends if not s[0].is_completed()]
+            self._sends[q].append((dist.isend(flat, q, group=self.group), flat))
+            # the receiver takes a snapshot `lag` steps after it is sent: older sends are done
+            # in steady state, and waiting on them bounds the buffers kept alive
+            keep = 0 if self.lockstep else self.lag(self.rank, q) + 2
+            while len(self._sends[q]) > keep:
+                work, _ = self._sends[q].pop(0)
+                self._wait(work, q, "sending LAM weights to")
 
     def flush(self) -> None:
-        for work, _flat_t, q in self._sends:
-            self._wait(work, q, "sending LAM weights to")
-        self._sends = []
+        for q, sends in self._sends.items():
+            for work, _flat_t in sends:
+                self._wait(work, q, "sending LAM weights to")
+            sends.clear()
 
     # ---- receiver side -------------------------------------------------------------------
     def start(self, start_step: int) -> None:
-        self._remaining = {q: self.expected_messages(start_step) for q in self.recv_from}
+        """Posts the receive of each owner's first snapshot (the one of step start_step's
+        first sync step: owners publish it before their first step)."""
         for q in self.recv_from:
-            self._post(q)
+            self._post(q, self._next_sync_step(start_step))
 
-    def _post(self, q: int) -> None:
-        if self._remaining.get(q, 0) <= 0:
+    def _post(self, q: int, step: int | None) -> None:
+        if step is None:
             return
         buf = torch.empty(sum(t.numel() for t in self._like(self.recv_from[q])),
                           device=self.device)
-        self._pending_recv[q] = (dist.irecv(buf, q, group=self.group), buf)
-        self._remaining[q] -= 1
+        self._pending_recv[q] = (dist.irecv(buf, q, group=self.group), buf, step)
 
     def _take(self, q: int) -> None:
-        _, buf = self._pending_recv.pop(q)
+        work, buf, step = self._pending_recv.pop(q)
+        self._wait(work, q, "receiving LAM weights from")
         blocks = self.recv_from[q]
         for b, new in zip(blocks, _split_blocks(_unflat(buf, self._like(blocks)),
                                                 [len(self.snap[b]) for b in blocks])):
             self.snap[b] = new
-        self._post(q)
+        self._post(q, self._next_sync_step(step + 1))
 
     def before_step(self, t: int) -> None:
-        """Refreshes snapshots due at step t, then moves every twin one EMA step."""
+        """Refreshes the snapshots due at step t, then moves every twin one EMA step."""
         if self._is_sync_step(t):
             for b in self.local_sources:
                 self.snap[b] = [x.detach().clone() for x in block_state(self.live[b])]
-            for q in list(self._pending_recv):
-                work = self._pending_recv[q][0]
-                if self.lockstep:
-                    self._wait(work, q, "receiving LAM weights from")
-                    self._take(q)
-                else:
-                    while q in self._pending_recv and self._pending_recv[q][0].is_completed():
-                        self._wait(self._pending_recv[q][0], q, "receiving LAM weights from")
-                        self._take(q)
+        for q in list(self._pending_recv):
+            due = t - self.lag(q, self.rank)
+            while q in self._pending_recv and self._pending_recv[q][2] <= due:
+                self._take(q)
         for m in self.twins:
             ema_update(m.twin, self.snap[m.twin_source], self.decay)
 
     def finish(self) -> None:
         """Receives every snapshot still on its way and waits for our own sends."""
         while self._pending_recv:
-            q = next(iter(self._pending_recv))
-            self._wait(self._pending_recv[q][0], q, "receiving LAM weights from")
-            self._take(q)
+            self._take(next(iter(self._pending_recv)))
         self.flush()
 
     def _wait(self, work, peer: int, what: str) -> None:
