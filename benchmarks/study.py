@@ -52,6 +52,10 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
              "--run.overwrite=true", *METHODS[method]]
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
+    if args.resume and _finished(workdir / name, flags):
+        s = json.loads((workdir / name / "summary.json").read_text())
+        print(f"{method:<14} seed {seed} ranks {ranks}: kept from {workdir / name}", flush=True)
+        return s
     env = {**os.environ}
     if ranks == 1 and args.jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
@@ -72,6 +76,18 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
     print(f"{method:<14} seed {seed} ranks {ranks}: top-1 error {s['test_top1_error']:.2f}% "
           f"({s['wall_s']:.0f} s, {s['images_per_s']:.0f} img/s)", flush=True)
     return s
+
+
+def _finished(run_dir: Path, flags: list[str]) -> bool:
+    """Whether run_dir holds a finished run of exactly the config these flags resolve to."""
+    import tomllib
+
+    from pipemlaan.config import load_config
+    if not (run_dir / "summary.json").is_file() or not (run_dir / "config.toml").is_file():
+        return False
+    had = tomllib.loads((run_dir / "config.toml").read_text())
+    wanted = load_config(None, flags).to_dict()
+    return all(had.get(k) == v for k, v in wanted.items() if k != "run")
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -125,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="single-process runs at once (each gets cpu_count/jobs threads)")
     p.add_argument("--workdir", default="",
                    help="keep every run's directory here (default: a temporary directory)")
+    p.add_argument("--resume", action="store_true",
+                   help="with --workdir: keep runs already finished there with the same config")
     p.add_argument("--timeout", type=int, default=6 * 3600)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick:
