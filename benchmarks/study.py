@@ -44,7 +44,7 @@ METHODS = {
 
 
 def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
-    name = f"{method}-s{seed}-r{ranks}"
+    name = f"{method}-s{seed}-r{ranks}" + (f"-mb{args.microbatches}" if ranks > 1 else "")
     flags = [f"--model.name={args.model}", f"--model.K={args.K}", "--data.name=fashion_mnist",
              f"--train.epochs={args.epochs}", f"--train.batch_size={args.batch}",
              f"--train.lr={args.lr}", f"--train.seed={seed}", f"--run.dir={workdir}",
@@ -52,22 +52,23 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
              "--run.overwrite=true", *METHODS[method]]
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
+    env = {**os.environ}
+    if ranks > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        flags += ["--train.threads=1", "--pipeline.mode=async",
+                  f"--pipeline.microbatches={args.microbatches}"]
+        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
+               f"--nproc_per_node={ranks}", "-m", "pipemlaan.train", *flags]
+    else:
+        if args.jobs > 1:
+            threads = max(1, (os.cpu_count() or 1) // args.jobs)
+            flags.append(f"--train.threads={threads}")
+            env["OMP_NUM_THREADS"] = str(threads)
+        cmd = [sys.executable, "-m", "pipemlaan.train", *flags]
     if args.resume and _finished(workdir / name, flags):
         s = json.loads((workdir / name / "summary.json").read_text())
         print(f"{method:<14} seed {seed} ranks {ranks}: kept from {workdir / name}", flush=True)
         return s
-    env = {**os.environ}
-    if ranks == 1 and args.jobs > 1:
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
-        flags.append(f"--train.threads={threads}")
-        env["OMP_NUM_THREADS"] = str(threads)
-    if ranks > 1:
-        env["OMP_NUM_THREADS"] = "1"
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
-               f"--nproc_per_node={ranks}", "-m", "pipemlaan.train", *flags,
-               "--train.threads=1", "--pipeline.mode=async"]
-    else:
-        cmd = [sys.executable, "-m", "pipemlaan.train", *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=args.timeout)
     if proc.returncode != 0:
@@ -143,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep every run's directory here (default: a temporary directory)")
     p.add_argument("--resume", action="store_true",
                    help="with --workdir: keep runs already finished there with the same config")
+    p.add_argument("--microbatches", type=int, default=2,
+                   help="batches in flight per rank in the pipelined runs")
     p.add_argument("--timeout", type=int, default=6 * 3600)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.quick:
@@ -161,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
                 raw[method] = [f.result() for f in futures[method]]
                 results[method] = aggregate(raw[method])
         if args.async_check:
-            raw["dgl+mlaan async 4 ranks"] = [run(args, "dgl+mlaan", s, 4, Path(tmp))
-                                              for s in seeds]
-            results["dgl+mlaan async 4 ranks"] = aggregate(raw["dgl+mlaan async 4 ranks"])
+            label = f"dgl+mlaan async 4 ranks, {args.microbatches} in flight"
+            raw[label] = [run(args, "dgl+mlaan", s, 4, Path(tmp)) for s in seeds]
+            results[label] = aggregate(raw[label])
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"study-fmnist-{stamp}"
     base.with_suffix(".json").write_text(json.dumps(
