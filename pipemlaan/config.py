@@ -113,7 +113,9 @@ class PipelineConfig:
                    "async (several in flight, throughput)")
     partition: list = _f([], "modules per stage (rank of a replica), e.g. [2, 2]; empty = "
                          "balanced from measured cost")
-    microbatches: int = _f(2, "batches in flight per rank in async mode (>= 1)")
+    microbatches: int = _f(2, "batches in flight per rank in async mode (>= 1); each one "
+                           "beyond the first delays window gradients a step (faster, less "
+                           "accurate on short runs: see README)")
     lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")
     timeout_s: float = _f(120.0, "seconds any wait on a peer may take before the run stops "
                           "with an error naming that peer")
