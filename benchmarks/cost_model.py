@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import methods
 from pipemlaan.config import Config
 from pipemlaan.data import DatasetSpec
 from pipemlaan.engine.partition import balanced_partition, measure_costs
@@ -186,9 +187,7 @@ def _cfg(model: str, K: int, method: str) -> Config:
     """A default config for `method` written as dgl, dgl+mlaan, infopro+mlaan, ..."""
     cfg = Config()
     cfg.model.name, cfg.model.K = model, K
-    name, _, extra = method.partition("+")
-    cfg.method.name = name
-    cfg.method.mlm = cfg.method.lam = extra == "mlaan"
+    cfg.method.name, cfg.method.mlm, cfg.method.lam = methods.parse(method)
     return cfg
 
 

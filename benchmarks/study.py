@@ -29,19 +29,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import methods
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-
-METHODS = {
-    "bp": ["--method.name=bp", "--method.mlm=false", "--method.lam=false"],
-    "dgl": ["--method.name=dgl", "--method.mlm=false", "--method.lam=false"],
-    "dgl+mlm": ["--method.name=dgl", "--method.mlm=true", "--method.lam=false"],
-    "dgl+lam": ["--method.name=dgl", "--method.mlm=false", "--method.lam=true"],
-    "dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
-    "infopro": ["--method.name=infopro", "--method.mlm=false", "--method.lam=false"],
-    "infopro+mlaan": ["--method.name=infopro", "--method.mlm=true", "--method.lam=true"],
-}
-
 
 def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
     name = f"{method}-s{seed}-r{ranks}" + (f"-mb{args.microbatches}" if ranks > 1 else "")
@@ -49,7 +40,7 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
              f"--train.epochs={args.epochs}", f"--train.batch_size={args.batch}",
              f"--train.lr={args.lr}", f"--train.seed={seed}", f"--run.dir={workdir}",
              f"--run.name={name}", "--run.progress=false", "--run.log_every=50",
-             "--run.overwrite=true", *METHODS[method]]
+             "--run.overwrite=true", *methods.flags(method)]
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
     env = {**os.environ}
@@ -127,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed, 20k images, 1 epoch")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(methods.STUDY))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--model", default="resnet20")
@@ -151,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seeds, args.epochs, args.train_subset = "0", 1, 20000
     seeds = [int(s) for s in args.seeds.split(",")]
-    methods = args.methods.split(",")
+    chosen = args.methods.split(",")
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     results, raw = {}, {}
     with tempfile.TemporaryDirectory(prefix="pipemlaan-study-") as scratch:
@@ -159,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         jobs = args.jobs if args.ranks == 1 else 1
         with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {m: [pool.submit(run, args, m, s, args.ranks, Path(tmp)) for s in seeds]
-                       for m in methods}
-            for method in methods:
+                       for m in chosen}
+            for method in chosen:
                 raw[method] = [f.result() for f in futures[method]]
                 results[method] = aggregate(raw[method])
         if args.async_check:

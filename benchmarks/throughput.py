@@ -27,16 +27,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks import methods
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 PY = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
-METHODS = {
-    "dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
-    "dgl": ["--method.name=dgl", "--method.mlm=false", "--method.lam=false"],
-    "bp": ["--method.name=bp", "--method.mlm=false", "--method.lam=false"],
-}
 
 
 def pipemlaan_run(args, method: str, ranks: int, workdir: Path, tag: str) -> dict:
@@ -52,7 +49,7 @@ def pipemlaan_run(args, method: str, ranks: int, workdir: Path, tag: str) -> dic
         "--run.progress=false", f"--run.log_every={args.log_every}",
         "--pipeline.mode=async", f"--pipeline.microbatches={args.microbatches}",
         "--train.threads=1" if args.device == "cpu" else "--train.threads=0",
-        *METHODS[method]]
+        *methods.flags(method)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if ranks == 0:      # the single process: no torchrun, no process group
         cmd = [PY, "-m", "pipemlaan.train", *common]

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import methods
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -33,11 +35,6 @@ CONFIGS = {
     "bp, 1 process": ("bp", 1),
     "dgl, pipeline": ("dgl", None),
     "dgl+mlaan, pipeline": ("dgl+mlaan", None),
-}
-METHODS = {
-    "bp": ["--method.name=bp", "--method.mlm=false", "--method.lam=false"],
-    "dgl": ["--method.name=dgl", "--method.mlm=false", "--method.lam=false"],
-    "dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
 }
 
 
@@ -50,7 +47,7 @@ def run(args, name: str, method: str, ranks: int, workdir: Path) -> dict:
              f"--train.lr={args.lr}", f"--train.seed={args.seed}",
              f"--train.threads={threads}", f"--run.dir={workdir}", f"--run.name={tag}",
              "--run.overwrite=true", "--run.progress=false", "--run.log_every=50",
-             "--pipeline.mode=async", *METHODS[method]]
+             "--pipeline.mode=async", *methods.flags(method)]
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -112,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.epochs} epochs of {args.train_subset or 60000} training images, full test "
              f"set, seed {args.seed}; {machine['cpu_count']} CPU cores shared out among the "
              f"ranks; torch {machine['torch']}; {machine['platform']}.", "",
-             f"Test accuracy (%) after each epoch:", "",
+             "Test accuracy (%) after each epoch:", "",
              f"| configuration | ranks x threads | {head} | training s | images/s | "
              f"time to {args.target}% |",
              "|---|---|" + "---|" * args.epochs + "---|---|---|"]

@@ -35,7 +35,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 import uuid
 import warnings
@@ -45,11 +44,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-_VENV_BIN = REPO / ".venv" / "bin"
-PYTHON = str(_VENV_BIN / "python") if (_VENV_BIN / "python").exists() else sys.executable
-TORCHRUN = (str(_VENV_BIN / "torchrun") if (_VENV_BIN / "torchrun").exists()
-            else str(Path(sys.executable).with_name("torchrun")))
+from launching import PYTHON, REPO, TORCHRUN, launch_env
 
 RUN_TIMEOUT_S = 240      # any launch that should finish: a hang fails the test
 EXIT_AFTER_KILL_S = 60   # a dead rank must end the job within this
@@ -64,13 +59,8 @@ ERROR_LINE = re.compile(r"^pipemlaan: error: .+$", re.M)
 
 # ---- launching -------------------------------------------------------------------------------
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                        "MASTER_ADDR", "MASTER_PORT") and not k.startswith("TORCHELASTIC_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env["COLUMNS"] = "1000"    # rich wraps console lines at 80 columns when not on a terminal
-    env.update(extra)
-    return env
+    # rich wraps console lines at 80 columns when not on a terminal
+    return launch_env(COLUMNS="1000", **extra)
 
 
 def unique_name(prefix: str) -> str:

@@ -29,7 +29,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,11 +43,7 @@ from pipemlaan.config import load_config
 from pipemlaan.data import dataset_spec
 from pipemlaan.local.module import build_local_modules
 
-REPO = Path(__file__).resolve().parents[1]
-_VENV_BIN = REPO / ".venv" / "bin"
-PYTHON = str(_VENV_BIN / "python") if (_VENV_BIN / "python").exists() else sys.executable
-TORCHRUN = (str(_VENV_BIN / "torchrun") if (_VENV_BIN / "torchrun").exists()
-            else str(Path(sys.executable).with_name("torchrun")))
+from launching import PYTHON, REPO, TORCHRUN, launch_env
 
 RUN_TIMEOUT_S = 300          # any single launch; a hang fails the test instead of CI
 FAIL_TIMEOUT_S = 150         # launches that must fail fast
@@ -95,14 +90,6 @@ ASYNC_CASES = [(2, 2), (2, 3), (4, 2), (4, 3)]
 
 
 # ---- launching -----------------------------------------------------------------------------
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                        "MASTER_ADDR", "MASTER_PORT") and not k.startswith("TORCHELASTIC_")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 @dataclass
 class Result:
     key: str
@@ -203,7 +190,7 @@ def launch(key: str, ranks: int, args: list[str], run_root: Path, *, timeout: fl
                *program]
     cmd += [*args, f"--run.dir={run_root}", "--run.name=run"]
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -436,6 +423,15 @@ def states_differ(a: Result, b: Result, num_modules: int) -> bool:
 PIPEMLAAN_TRACEBACK = re.compile(r'File "' + re.escape(str(REPO / "pipemlaan")))
 
 
+def failed_cleanly(res: Result) -> list[str]:
+    """Asserts the launch failed (non-zero, not by the test's timeout) without a rank crashing
+    in a traceback; returns its error lines."""
+    assert res.returncode is not None, f"hung until the test timeout\n{res.describe()}"
+    assert res.returncode != 0, res.describe()
+    assert not PIPEMLAAN_TRACEBACK.search(res.stderr), "a rank crashed with a traceback"
+    return error_lines(res)
+
+
 def error_lines(res: Result) -> list[str]:
     """The `pipemlaan: error: ...` messages on stderr. Ranks write to one pipe, and with
     PYTHONUNBUFFERED a message and its newline are separate writes, so two ranks' messages can
@@ -660,25 +656,19 @@ def test_resume_with_more_ranks_equals_uninterrupted_run(runner):
 @needs(lambda: ["handshake"])
 def test_handshake_rejects_rank_with_different_config(runner):
     res = runner.get("handshake")
-    assert res.returncode is not None, f"hung until the test timeout\n{res.describe()}"
-    assert res.returncode != 0, res.describe()
-    errors = error_lines(res)
+    errors = failed_cleanly(res)
     assert any("different configuration" in e or "shape" in e for e in errors), res.describe()
-    assert not PIPEMLAAN_TRACEBACK.search(res.stderr), "a rank crashed with a traceback"
     assert not (res.run_dir / "summary.json").exists()
 
 
 @needs(lambda: ["world-gt-K"])
 def test_world_larger_than_K_is_a_config_error(runner):
     res = runner.get("world-gt-K")
-    assert res.returncode is not None, f"hung until the test timeout\n{res.describe()}"
-    assert res.returncode != 0, res.describe()
-    errors = error_lines(res)
+    errors = failed_cleanly(res)
     assert errors, res.describe()
     # one line, the same from every rank that got to print it
     assert len(errors) <= WORLD_GT_K[0] and len(set(errors)) == 1, errors
     assert "model.K" in errors[0] and f"{WORLD_GT_K[0]} ranks" in errors[0], errors
-    assert not PIPEMLAAN_TRACEBACK.search(res.stderr), "a rank crashed with a traceback"
     assert not res.run_dir.exists(), f"{res.run_dir} was created"
 
 
@@ -757,12 +747,9 @@ def test_async_replicas_train_and_stay_identical(runner):
 
 @needs(lambda: ["dp-indivisible"])
 def test_replicas_must_divide_the_world(runner):
-    res = runner.get("dp-indivisible")
-    assert res.returncode not in (0, None), res.describe()
-    errors = error_lines(res)
-    assert errors and len(set(errors)) == 1, res.describe()
+    errors = failed_cleanly(runner.get("dp-indivisible"))
+    assert errors and len(set(errors)) == 1, errors
     assert "pipeline.replicas=2" in errors[0] and "3 ranks" in errors[0], errors
-    assert not PIPEMLAAN_TRACEBACK.search(res.stderr), "a rank crashed with a traceback"
 
 
 # ---- clean shutdown ------------------------------------------------------------------------

@@ -13,15 +13,12 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from launching import REPO, TORCHRUN
+
 SCRIPT = REPO / "benchmarks" / "pipelining_bp.py"
-_VENV_BIN = REPO / ".venv" / "bin"
-TORCHRUN = (str(_VENV_BIN / "torchrun") if (_VENV_BIN / "torchrun").exists()
-            else str(Path(sys.executable).with_name("torchrun")))
 TINY = ["--model", "resnet8", "--batch", "16", "--microbatches", "2", "--image", "1,16,16",
         "--classes", "10", "--steps", "8", "--warmup", "2", "--seed", "0"]
 

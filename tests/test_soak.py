@@ -15,16 +15,11 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
-from pathlib import Path
 
 
-REPO = Path(__file__).resolve().parents[1]
-_VENV_BIN = REPO / ".venv" / "bin"
-TORCHRUN = (str(_VENV_BIN / "torchrun") if (_VENV_BIN / "torchrun").exists()
-            else str(Path(sys.executable).with_name("torchrun")))
+from launching import REPO, TORCHRUN, launch_env
 
 RUNS = int(os.environ.get("PIPEMLAAN_SOAK_RUNS", "5"))
 RANKS = 4
@@ -34,14 +29,6 @@ ARGS = ["--data.name=synthetic", "--data.synthetic_size=256", "--data.synthetic_
         "--model.name=resnet8", "--model.K=4", "--train.batch_size=16", "--run.progress=false",
         "--pipeline.timeout_s=30", "--train.device=cpu", "--pipeline.mode=async",
         f"--train.max_steps={MAX_STEPS}", "--run.log_every=1"]
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-                        "MASTER_ADDR", "MASTER_PORT") and not k.startswith("TORCHELASTIC_")}
-    env["OMP_NUM_THREADS"] = "1"
-    return env
 
 
 def marked(marker: str) -> list[int]:
@@ -75,7 +62,7 @@ def test_soak_many_short_4_rank_runs(tmp_path):
             log = tmp_path / f"{name}.log"
             t0 = time.monotonic()
             with open(log, "w") as out:
-                proc = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=out,
+                proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=out,
                                         stderr=subprocess.STDOUT, start_new_session=True)
                 left = []
                 try:

@@ -87,7 +87,7 @@ class GradSync:
         like = grads[0] if grads else torch.empty(0)
         flag = torch.zeros(1, dtype=like.dtype, device=like.device) + (0.0 if ok else 1.0)
         flat = torch.cat([g.reshape(-1) for g in grads] + [flag])
-        self._all_reduce(flat, "averaging gradients")
+        self.all_reduce(flat, "averaging gradients")
         if flat[-1].item() > 0:
             return False
         flat.div_(self.replicas)
@@ -100,7 +100,7 @@ class GradSync:
             i += p.numel()
         return True
 
-    def _all_reduce(self, flat: torch.Tensor, what: str) -> None:
+    def all_reduce(self, flat: torch.Tensor, what: str) -> None:
         work = dist.all_reduce(flat, group=self.group, async_op=True)
         try:
             work.wait(self.timeout)
@@ -121,12 +121,12 @@ class _SyncBatchNormFn(torch.autograd.Function):
         xf = x.float()
         count = torch.tensor([xf.numel() // xf.shape[1]], dtype=xf.dtype, device=xf.device)
         stats = torch.cat([xf.sum(dims), count])
-        sync._all_reduce(stats, "synchronising batch norm")
+        sync.all_reduce(stats, "synchronising batch norm")
         n = stats[-1]
         mean = stats[:-1] / n
         centred = xf - mean.view(shape)
         sq = (centred * centred).sum(dims)     # two passes: as exact as native batch norm
-        sync._all_reduce(sq, "synchronising batch norm")
+        sync.all_reduce(sq, "synchronising batch norm")
         var = sq / n
         invstd = torch.rsqrt(var + eps)
         xhat = centred * invstd.view(shape)
@@ -145,7 +145,7 @@ class _SyncBatchNormFn(torch.autograd.Function):
         dbias = dy.sum(dims)
         dweight = (dy * xhat).sum(dims)
         sums = torch.cat([dbias, dweight])
-        ctx.sync._all_reduce(sums, "synchronising batch norm gradients")
+        ctx.sync.all_reduce(sums, "synchronising batch norm gradients")
         c = dbias.numel()
         mean_dy, mean_dy_xhat = sums[:c] / ctx.n, sums[c:] / ctx.n
         dx = (weight * invstd).view(shape) * (dy - mean_dy.view(shape)

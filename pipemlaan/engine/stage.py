@@ -67,6 +67,12 @@ class Stage:
         self.indices = [m.index for m in modules]
         self.first, self.last = self.indices[0], self.indices[-1]
         self.optimizers = {m.index: make_optimizer(m, cfg) for m in modules}
+        # what each of a module's two optimizer steps updates (replicas average exactly these)
+        self.head_params = {m.index: [p for head in (m.g, m.h) if head is not None
+                                      for p in head.parameters() if p.requires_grad]
+                            for m in modules}
+        self.body_params = {m.index: [p for p in m.body.parameters() if p.requires_grad]
+                            for m in modules}
         # windows this stage must receive from the next rank / send to the previous one
         self.from_next = [j for j in plan.covering(self.last) if j > self.last]
         self.to_prev = ([j for j in plan.covering(self.first - 1) if j >= self.first]
@@ -141,9 +147,7 @@ class Stage:
             grads.append(z.grad)
         self.losses[k] = total
         finite = bool(torch.isfinite(total).all())
-        heads = [p for head in (mod.g, mod.h) if head is not None
-                 for p in head.parameters() if p.requires_grad]
-        if self._agree(heads, finite):
+        if self._agree(self.head_params[k], finite):
             self._step(k, lr)   # head parameters only: the body has no gradient yet
             g_grad, h_grad = grads
         elif self.cfg.train.nonfinite == "skip":
@@ -189,7 +193,7 @@ class Stage:
         total = pend.g_grad
         for j in sorted(pend.windows):
             total = pend.windows[j] if total is None else total + pend.windows[j]
-        params = [p for p in self.modules[k].body.parameters() if p.requires_grad]
+        params = self.body_params[k]
         finite = bool(torch.isfinite(total).all())
         if finite:
             with torch.profiler.record_function(f"module {k} backward"):

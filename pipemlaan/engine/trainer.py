@@ -361,7 +361,7 @@ class Trainer:
     def evaluate(self) -> dict:
         """Streams the test set through the pipeline; every rank scores its own heads. With
         replicas, replica r takes every D-th test batch from batch r on."""
-        cfg, links, stage = self.cfg, self.links, self.stage
+        links, stage = self.links, self.stage
         stage.train(False)
         bs = self.local_batch
         n_batches = -(-self.test_samples // bs)
