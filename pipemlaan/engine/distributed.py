@@ -7,7 +7,6 @@ LOCAL_RANK). NCCL on CUDA, gloo on CPU, unless pipeline.backend says otherwise.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pipemlaan.config import Config
+from pipemlaan.engine.comm import Comm, TorchComm
 from pipemlaan.engine import watchdog
 from pipemlaan.errors import ConfigError, PipelineError, PipemlaanError
 
@@ -26,6 +26,7 @@ class DistEnv:
     local_rank: int
     device: torch.device
     backend: str | None
+    comm: Comm | None = None      # None in a single process
 
     @property
     def distributed(self) -> bool:
@@ -65,6 +66,8 @@ def init_distributed(cfg: Config) -> DistEnv:
                                 f"MASTER_ADDR/MASTER_PORT or the torchrun rendezvous, and that "
                                 f"every rank was started") from e
         watchdog.start(rank, world)
+        return DistEnv(rank, world, local_rank, device, backend,
+                       TorchComm(rank, world, cfg.pipeline.timeout_s))
     return DistEnv(rank, world, local_rank, device, backend)
 
 
@@ -90,7 +93,7 @@ def cleanup(env: DistEnv, finished: bool = False) -> None:
     so that no rank's last collective is still in flight; after a failure it does not wait
     (the peers may be dead or stuck), so the failing rank exits at once."""
     watchdog.stop()
-    if env.distributed and dist.is_initialized():
+    if isinstance(env.comm, TorchComm) and dist.is_initialized():
         if finished:
             try:
                 dist.barrier()
@@ -99,39 +102,18 @@ def cleanup(env: DistEnv, finished: bool = False) -> None:
         dist.destroy_process_group()
 
 
-@contextmanager
-def collective(env: DistEnv, what: str):
-    """Turns a collective's failure (a dead or stalled rank) into a PipelineError naming it."""
-    try:
-        yield
-    except RuntimeError as e:
-        raise watchdog.peer_failure(env.rank, what, None, e) from e
-
-
 def gather_all(env: DistEnv, obj):
     """Every rank's `obj`, in rank order, on every rank."""
-    if not env.distributed:
-        return [obj]
-    out = [None] * env.world
-    with collective(env, "exchanging results with every rank"):
-        dist.all_gather_object(out, obj)
-    return out
+    return env.comm.all_gather_object(obj) if env.distributed else [obj]
 
 
 def broadcast(env: DistEnv, obj, src: int = 0):
-    if not env.distributed:
-        return obj
-    box = [obj]
-    what = f"receiving from rank {src}" if env.rank != src else "sending to every rank"
-    with collective(env, what):
-        dist.broadcast_object_list(box, src=src)
-    return box[0]
+    return env.comm.broadcast_object(obj, src) if env.distributed else obj
 
 
 def barrier(env: DistEnv) -> None:
     if env.distributed:
-        with collective(env, "waiting for every rank"):
-            dist.barrier()
+        env.comm.barrier()
 
 
 def agree(env: DistEnv, error: PipemlaanError | None) -> None:

@@ -5,8 +5,9 @@ of every step t with t % lam_sync_every == 0, from the live block as it stands a
 (at a run's first step: the initial or resumed weights; between sync steps the snapshot is the
 last one taken, and it is checkpointed with the module):
 - a block on the same rank is read directly;
-- a block owned by a later rank is sent by its owner, on a process group of its own, right
-  after the owner's step t-1 ("publish"), as one flat tensor per (owner, receiver) pair.
+- a block owned by a later rank is sent by its owner right after the owner's step t-1
+  ("publish"), as one flat tensor per (owner, receiver) pair, on a process group of that pair's
+  own (the schedule in engine/schedule.py posts and waits; this module packs and unpacks).
 Then every twin (or, with method.ema_only_last, only the last module's) takes one EMA step
 toward its snapshot. Lockstep mode waits for each snapshot, so it equals the single process.
 
@@ -20,12 +21,8 @@ reports completion until it is waited on, so the twins would never move.)
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import torch
-import torch.distributed as dist
 
-from pipemlaan.engine.watchdog import peer_failure
 from pipemlaan.local.module import LocalModule, block_state, ema_update
 
 
@@ -42,15 +39,16 @@ def _unflat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 class LamSync:
+    """The snapshots a rank's EMA twins follow, and the flat tensors that carry them. Which
+    snapshot travels when is the schedule's business (engine/schedule.py): the trainer calls
+    `pack` where the schedule publishes and `ema` where it takes snapshots."""
+
     def __init__(self, cfg, rank: int, modules: dict[int, LocalModule], all_modules: list,
                  owner_of_block: dict[int, int], live_blocks: dict[int, torch.nn.Module],
-                 total_steps: int, group=None, device=None):
+                 total_steps: int, device=None):
         self.every = cfg.pipeline.lam_sync_every
         self.decay = cfg.method.ema_decay
-        self.lockstep = cfg.pipeline.mode == "lockstep"
-        self.microbatches = cfg.pipeline.microbatches
-        self.timeout = timedelta(seconds=cfg.pipeline.timeout_s)
-        self.rank, self.group, self.total = rank, group, total_steps
+        self.rank, self.total = rank, total_steps
         self.device = device
         twins = [m for m in all_modules if m.twin is not None]
         last_twin = max((m.index for m in twins), default=None)
@@ -78,92 +76,36 @@ class LamSync:
                     blocks.append(b)
         for blocks in self.send_to.values():
             blocks.sort()
-        self._pending_recv: dict[int, tuple] = {}    # owner -> (work, buffer, its step)
-        self._sends: dict[int, list] = {q: [] for q in self.send_to}
-
-    def lag(self, owner: int, receiver: int) -> int:
-        """Steps between an owner's snapshot and the step that uses it (see the docstring);
-        owners sit downstream of their receivers, in the same replica, on consecutive ranks."""
-        return 0 if self.lockstep else (owner - receiver) * self.microbatches
 
     def _like(self, blocks: list[int]) -> list[torch.Tensor]:
         return [t for b in blocks for t in self.snap[b]]
 
-    def _is_sync_step(self, t: int) -> bool:
+    def is_sync_step(self, t: int) -> bool:
         return t % self.every == 0 and t < self.total
 
-    def _next_sync_step(self, t: int) -> int | None:
-        t += (-t) % self.every
-        return t if t < self.total else None
-
     # ---- owner side ----------------------------------------------------------------------
-    def publish(self, t: int) -> None:
-        """Called when the live weights are those that step t will read (after step t-1)."""
-        if not self.send_to or not self._is_sync_step(t):
-            return
-        for q, blocks in self.send_to.items():
-            flat = _flat([x for b in blocks for x in block_state(self.live[b])])
-            self._sends[q].append((dist.isend(flat, q, group=self.group), flat))
-            # the receiver takes a snapshot `lag` steps after it is sent: older sends are done
-            # in steady state, and waiting on them bounds the buffers kept alive
-            keep = 0 if self.lockstep else self.lag(self.rank, q) + 2
-            while len(self._sends[q]) > keep:
-                work, _ = self._sends[q].pop(0)
-                self._wait(work, q, "sending LAM weights to")
-
-    def flush(self) -> None:
-        for q, sends in self._sends.items():
-            for work, _flat_t in sends:
-                self._wait(work, q, "sending LAM weights to")
-            sends.clear()
+    def pack(self, receiver: int) -> torch.Tensor:
+        """The live weights `receiver` follows, as one flat tensor (after the last step)."""
+        return _flat([x for b in self.send_to[receiver] for x in block_state(self.live[b])])
 
     # ---- receiver side -------------------------------------------------------------------
-    def start(self, start_step: int) -> None:
-        """Posts the receive of each owner's first snapshot (the one of step start_step's
-        first sync step: owners publish it before their first step)."""
-        for q in self.recv_from:
-            self._post(q, self._next_sync_step(start_step))
+    def buffer(self, owner: int) -> torch.Tensor:
+        return torch.empty(sum(t.numel() for t in self._like(self.recv_from[owner])),
+                           device=self.device)
 
-    def _post(self, q: int, step: int | None) -> None:
-        if step is None:
-            return
-        buf = torch.empty(sum(t.numel() for t in self._like(self.recv_from[q])),
-                          device=self.device)
-        self._pending_recv[q] = (dist.irecv(buf, q, group=self.group), buf, step)
-
-    def _take(self, q: int) -> None:
-        work, buf, step = self._pending_recv.pop(q)
-        self._wait(work, q, "receiving LAM weights from")
-        blocks = self.recv_from[q]
-        for b, new in zip(blocks, _split_blocks(_unflat(buf, self._like(blocks)),
-                                                [len(self.snap[b]) for b in blocks])):
-            self.snap[b] = new
-        self._post(q, self._next_sync_step(step + 1))
-
-    def before_step(self, t: int) -> None:
-        """Refreshes the snapshots due at step t, then moves every twin one EMA step."""
-        if self._is_sync_step(t):
+    def ema(self, t: int, received: dict[int, torch.Tensor]) -> None:
+        """At the start of step t: refreshes the snapshots due (local blocks at sync steps,
+        `received` owner -> flat from other ranks), then moves every twin one EMA step."""
+        if self.is_sync_step(t):
             for b in self.local_sources:
                 self.snap[b] = [x.detach().clone() for x in block_state(self.live[b])]
-        for q in list(self._pending_recv):
-            due = t - self.lag(q, self.rank)
-            while q in self._pending_recv and self._pending_recv[q][2] <= due:
-                self._take(q)
+        for q, flat in received.items():
+            blocks = self.recv_from[q]
+            for b, new in zip(blocks, _split_blocks(_unflat(flat, self._like(blocks)),
+                                                    [len(self.snap[b]) for b in blocks])):
+                self.snap[b] = new
         for m in self.twins:
             ema_update(m.twin, self.snap[m.twin_source], self.decay)
-
-    def finish(self) -> None:
-        """Receives every snapshot still on its way and waits for our own sends."""
-        while self._pending_recv:
-            self._take(next(iter(self._pending_recv)))
-        self.flush()
-
-    def _wait(self, work, peer: int, what: str) -> None:
-        try:
-            work.wait(self.timeout)
-        except RuntimeError as e:
-            raise peer_failure(self.rank, f"{what} rank {peer}", peer, e,
-                               self.timeout.total_seconds()) from e
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state(self, module_index: int) -> list[torch.Tensor] | None:

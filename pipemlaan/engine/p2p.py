@@ -1,164 +1,193 @@
-"""Point-to-point links between neighbouring pipeline ranks (gloo on CPU, NCCL on GPU).
+"""Carries out the schedule's point-to-point actions for one rank: buffers, posts, waits.
 
-Two streams per neighbour pair, each in one direction and in a fixed order on both ends:
-- forward (stage s -> s+1 of the same replica): a header [kind, step, batch] then the boundary
-  activation, the labels and (InfoPro only) the images, for every training or evaluation batch;
-- window gradients (stage s+1 -> s): the gradients of the windows that go on past stage s+1's
-  first module, stacked in increasing window index, once per training batch.
+The schedule (engine/schedule.py) says which message to post or wait for and when; this module
+owns the tensors. A compute action `put`s the tensors of the messages it produces; `post`
+sends them, or receives into preallocated buffers; `wait` waits and, for a receive, makes the
+tensors available to `take`.
 
-Receive buffers are allocated once, at start-up, as a ring of `microbatches + 1` slots: a rank
-never holds more than `microbatches` unfinished batches, so a slot is never overwritten while a
-graph still reads it. Sent tensors are kept referenced until their send is waited on, and
-sends are waited on late (at most `microbatches` steps behind), so a send never blocks compute.
-Every wait has a timeout; a peer that died or went silent raises PipelineError naming it.
-Start-up exchanges the expected shapes and a config hash, so a mismatch raises a named error
-instead of hanging or silently mixing configurations.
+Receive buffers for activations (and evaluation batches) are allocated once, as a ring of
+2 x (batches in flight) slots: a rank holds at most that many batches it has received and not
+finished (M unfinished, M received ahead), so a slot is never overwritten while a graph still
+reads it. Activations travel in the compute dtype (bf16 runs send bf16). Sent tensors stay
+referenced until their send is waited on.
+
+Waits are timed on the host on CPU and with CUDA events on GPUs, where the host returns from
+an NCCL wait at once and the stall happens on the stream: `WaitClock` reads the events only
+when metrics are logged, so timing adds no synchronisation to a step.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 
-from pipemlaan.engine.watchdog import peer_failure
+from pipemlaan.engine.comm import Comm
+from pipemlaan.engine.schedule import EVAL, FWD, GRAD, LAM, Msg, Op
 from pipemlaan.errors import PipelineError
 
-TRAIN, EVAL = 0, 1
 
+class WaitClock:
+    """Seconds spent in waits of each kind ("recv", "send") and in compute, since reset."""
 
-class Timer:
-    """Accumulates seconds spent waiting on receives and on sends."""
-
-    def __init__(self) -> None:
-        self.recv_wait = 0.0
-        self.send_wait = 0.0
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.reset()
 
     def reset(self) -> None:
-        self.recv_wait = self.send_wait = 0.0
+        self._host = {"recv": 0.0, "send": 0.0, "compute": 0.0}
+        self._events: list[tuple[str, object, object]] = []
+
+    def measure(self, kind: str):
+        return _Span(self, kind)
+
+    def seconds(self, kind: str) -> float:
+        if self.cuda and self._events:
+            torch.cuda.synchronize()
+            for k, a, b in self._events:
+                self._host[k] += a.elapsed_time(b) / 1000.0
+            self._events.clear()
+        return self._host[kind]
 
 
-class Links:
-    def __init__(self, rank: int, prev: int | None, next: int | None, device: torch.device, *,
-                 in_shape, out_shape,
-                 image_shape, batch_size: int, grads_in: int, grads_out: int, ring: int,
-                 timeout_s: float, act_dtype: torch.dtype = torch.float32):
-        self.rank, self.device = rank, device
-        self.prev, self.next = prev, next     # neighbouring stages' global ranks (or None)
+class _Span:
+    def __init__(self, clock: WaitClock, kind: str):
+        self.clock, self.kind = clock, kind
+
+    def __enter__(self):
+        if self.clock.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.clock.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.clock._events.append((self.kind, self.start, end))
+        else:
+            self.clock._host[self.kind] += time.perf_counter() - self.t0
+        return False
+
+
+class Transport:
+    def __init__(self, comm: Comm, rank: int, device: torch.device, *, in_shape, out_shape,
+                 image_shape, batch_size: int, grads_in: int, in_flight: int,
+                 act_dtype: torch.dtype = torch.float32, has_prev: bool, has_next: bool,
+                 eval_batch_size=None, clock: WaitClock | None = None):
+        self.comm, self.rank, self.device = comm, rank, device
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.image_shape = tuple(image_shape) if image_shape else None
-        self.batch_size = batch_size
-        self.grads_in, self.grads_out = grads_in, grads_out
-        self.timeout = timedelta(seconds=timeout_s)
-        self.timer = Timer()
-        self.act_dtype = act_dtype
-        self._sends: deque[tuple[int, list]] = deque()
-        self._ring = ring
+        self.batch_size, self.act_dtype = batch_size, act_dtype
+        self.eval_batch_size = eval_batch_size or (lambda i: batch_size)
+        self.clock = clock or WaitClock(device)
+        self._out: dict[Msg, list[torch.Tensor]] = {}     # produced, not yet sent
+        self._works: dict[Op, tuple[list, list[torch.Tensor]]] = {}
+        self._in: dict[Msg, list[torch.Tensor]] = {}      # received, not yet taken
+        self._recv_buffers: dict[Msg, list[torch.Tensor]] = {}
+        self._ring = 2 * in_flight
         self._slot = 0
         B = batch_size
-        if self.prev is not None:
+        if has_prev:
             self._acts = [torch.empty((B, *self.in_shape), dtype=act_dtype, device=device)
-                          for _ in range(ring)]
-            self._labels = [torch.empty(B, dtype=torch.long, device=device) for _ in range(ring)]
+                          for _ in range(self._ring)]
+            self._labels = [torch.empty(B, dtype=torch.long, device=device)
+                            for _ in range(self._ring)]
             self._images = ([torch.empty((B, *self.image_shape), device=device)
-                             for _ in range(ring)] if self.image_shape else None)
-        if self.next is not None and grads_in:
-            self._grads = torch.empty((grads_in, B, *self.out_shape), dtype=act_dtype,
-                                      device=device)
-        self._header = torch.empty(3, dtype=torch.long, device=device)
+                             for _ in range(self._ring)] if self.image_shape else None)
+        self._grads = ([torch.empty((grads_in, B, *self.out_shape), dtype=act_dtype,
+                                    device=device) for _ in range(2)]
+                       if has_next and grads_in else None)
+        self._grad_slot = 0
+        self.lam_buffer = None     # set by the trainer: owner rank -> a fresh flat buffer
 
-    # ---- waiting -------------------------------------------------------------------------
-    def _wait(self, work, peer: int, what: str) -> None:
+    # ---- what compute hands over and takes ------------------------------------------------
+    def put(self, msg: Msg, tensors: list[torch.Tensor]) -> None:
+        self._out[msg] = tensors
+
+    def put_forward(self, msg: Msg, act: torch.Tensor, labels: torch.Tensor,
+                    images: torch.Tensor | None) -> None:
+        tensors = [act.to(self.act_dtype).contiguous(), labels]
+        if self.image_shape:
+            tensors.append(images.contiguous())
+        self.put(msg, tensors)
+
+    def take(self, msg: Msg) -> list[torch.Tensor]:
         try:
-            work.wait(self.timeout)
-        except RuntimeError as e:
-            raise peer_failure(self.rank, what + f" with rank {peer}", peer, e,
-                               self.timeout.total_seconds()) from e
+            return self._in.pop(msg)
+        except KeyError:
+            raise PipelineError(f"rank {self.rank}: {msg} was used before it was received; "
+                                f"the schedule is inconsistent") from None
 
-    def _recv(self, tensor: torch.Tensor, peer: int, what: str) -> None:
-        t0 = time.perf_counter()
-        self._wait(dist.irecv(tensor, peer), peer, f"receiving {what}")
-        self.timer.recv_wait += time.perf_counter() - t0
+    # ---- the schedule's actions ------------------------------------------------------------
+    def post(self, ops: tuple[Op, ...]) -> None:
+        flat, spans = [], []
+        for op in ops:
+            tensors = self._out.pop(op.msg) if op.send else self._recv_into(op.msg)
+            if not op.send:
+                self._recv_buffers[op.msg] = tensors
+            spans.append((op, tensors, len(flat)))
+            flat += [(op.send, t, op.peer, op.group) for t in tensors]
+        works = self.comm.post(flat)
+        for op, tensors, i in spans:
+            self._works[op] = (works[i:i + len(tensors)], tensors)
 
-    def _send(self, step: int, tensors: list[torch.Tensor], peer: int) -> None:
-        try:
-            works = [(dist.isend(t, peer), t) for t in tensors]
-        except RuntimeError as e:
-            raise peer_failure(self.rank, f"sending to rank {peer}", peer, e) from e
-        self._sends.append((step, works))
-        self.reap(step - self._ring + 1)
+    def wait(self, op: Op) -> None:
+        works, tensors = self._works.pop(op)
+        what = (f"sending {op.msg.kind} {op.msg.index} to rank {op.peer}" if op.send else
+                f"receiving {op.msg.kind} {op.msg.index} from rank {op.peer}")
+        with self.clock.measure("send" if op.send else "recv"):
+            for w in works:
+                self.comm.wait(w, op.peer, what)
+        if not op.send:
+            self._in[op.msg] = self._recv_buffers.pop(op.msg)
 
-    def reap(self, upto_step: int | None = None) -> None:
-        """Waits for sends issued at steps <= upto_step (all sends when None)."""
-        t0 = time.perf_counter()
-        while self._sends and (upto_step is None or self._sends[0][0] <= upto_step):
-            _, works = self._sends.popleft()
-            for work, _tensor in works:
-                self._wait(work, self.next if self.next is not None else self.prev, "sending")
-        self.timer.send_wait += time.perf_counter() - t0
+    def pending(self) -> list[Op]:
+        return list(self._works)
 
-    # ---- start-up ------------------------------------------------------------------------
-    def handshake(self, config_hash: int) -> None:
+    def _recv_into(self, msg: Msg) -> list[torch.Tensor]:
+        if msg.kind in (FWD, EVAL):
+            slot = self._slot
+            self._slot = (self._slot + 1) % self._ring
+            B = self.batch_size if msg.kind == FWD else self.eval_batch_size(msg.index)
+            out = [self._acts[slot][:B], self._labels[slot][:B]]
+            if self._images is not None:
+                out.append(self._images[slot][:B])
+            return out
+        if msg.kind == GRAD:
+            buf = self._grads[self._grad_slot]
+            self._grad_slot ^= 1
+            return [buf]
+        if msg.kind == LAM:
+            return [self.lam_buffer(msg.src)]
+        raise ValueError(msg.kind)
+
+    # ---- start-up --------------------------------------------------------------------------
+    def handshake(self, config_hash: int, prev: int | None, next: int | None,
+                  group_prev: str | None, group_next: str | None) -> None:
         """Each rank tells the next what it will send; the next checks it against its own."""
         def describe(shape, has_image):
             return torch.tensor([config_hash & 0x7FFFFFFFFFFF, self.batch_size, int(has_image),
-                                 len(shape), *shape, *([0] * (4 - len(shape)))], device=self.device)
-        mine = describe(self.out_shape, self.image_shape is not None)
-        if self.next is not None:
-            self._wait(dist.isend(mine, self.next), self.next, "start-up handshake")
-        if self.prev is not None:
+                                 len(shape), *shape, *([0] * (4 - len(shape)))],
+                                device=self.device)
+        if next is not None:
+            mine = describe(self.out_shape, self.image_shape is not None)
+            for w in self.comm.post([(True, mine, next, group_next)]):
+                self.comm.wait(w, next, f"start-up handshake with rank {next}")
+        if prev is not None:
             expected = describe(self.in_shape, self.image_shape is not None)
             got = torch.empty_like(expected)
-            self._wait(dist.irecv(got, self.prev), self.prev, "start-up handshake")
+            for w in self.comm.post([(False, got, prev, group_prev)]):
+                self.comm.wait(w, prev, f"start-up handshake with rank {prev}")
             if int(got[0]) != int(expected[0]):
-                raise PipelineError(f"rank {self.rank}: rank {self.prev} runs a different "
+                raise PipelineError(f"rank {self.rank}: rank {prev} runs a different "
                                     f"configuration; start every rank with the same --config "
                                     f"and overrides")
             if not torch.equal(got, expected):
                 raise PipelineError(
-                    f"rank {self.rank}: rank {self.prev} will send activations of shape "
+                    f"rank {self.rank}: rank {prev} will send activations of shape "
                     f"{got[4:4 + int(got[3])].tolist()} (batch {int(got[1])}) but this rank "
                     f"expects {list(self.in_shape)} (batch {self.batch_size}); the partition or "
                     f"model differs between ranks")
-
-    # ---- forward stream ------------------------------------------------------------------
-    def send_forward(self, kind: int, step: int, act: torch.Tensor, labels: torch.Tensor,
-                     images: torch.Tensor | None) -> None:
-        header = torch.tensor([kind, step, act.shape[0]], device=self.device)
-        tensors = [header, act.to(self.act_dtype).contiguous(), labels]
-        if self.image_shape:
-            tensors.append(images.contiguous())
-        self._send(step, tensors, self.next)
-
-    def recv_forward(self, kind: int, step: int):
-        self._recv(self._header, self.prev, "the batch header")
-        got_kind, got_step, B = (int(v) for v in self._header.tolist())
-        if (got_kind, got_step) != (kind, step) or B > self.batch_size:
-            raise PipelineError(
-                f"rank {self.rank}: expected {'train' if kind == TRAIN else 'eval'} batch "
-                f"{step} from rank {self.prev} but got kind {got_kind} batch {got_step} "
-                f"(size {B}); the ranks disagree on the schedule (different configs?)")
-        slot = self._slot
-        self._slot = (self._slot + 1) % self._ring
-        act, labels = self._acts[slot][:B], self._labels[slot][:B]
-        self._recv(act, self.prev, "activations")
-        self._recv(labels, self.prev, "labels")
-        images = None
-        if self._images is not None:
-            images = self._images[slot][:B]
-            self._recv(images, self.prev, "images")
-        return act, labels, images
-
-    # ---- gradient stream -----------------------------------------------------------------
-    def send_grads(self, step: int, grads: list[torch.Tensor]) -> None:
-        if grads:
-            self._send(step, [torch.stack(grads).to(self.act_dtype)], self.prev)
-
-    def recv_grads(self) -> list[torch.Tensor]:
-        if not self.grads_in:
-            return []
-        self._recv(self._grads, self.next, "window gradients")
-        return list(self._grads.unbind(0))

@@ -18,13 +18,9 @@ batch. Without it each replica normalises with its own slice's statistics, as DD
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 import torch
-import torch.distributed as dist
 from torch import nn
-
-from pipemlaan.engine.watchdog import peer_failure
 
 
 @dataclass(frozen=True)
@@ -54,30 +50,12 @@ class Layout:
         return self.rank + 1 if self.stage < self.stages - 1 else None
 
 
-def new_groups(layout: Layout, distributed: bool):
-    """(this rank's stage group for gradients or None, this rank's replica group for LAM or
-    None). Every rank creates every group, in the same order, as torch.distributed requires."""
-    if not distributed:
-        return None, None
-    stage_group = replica_group = None
-    if layout.replicas > 1:
-        for s in range(layout.stages):
-            g = dist.new_group([layout.rank_of(r, s) for r in range(layout.replicas)])
-            if s == layout.stage:
-                stage_group = g
-    for r in range(layout.replicas):
-        g = dist.new_group([layout.rank_of(r, s) for s in range(layout.stages)])
-        if r == layout.replica:
-            replica_group = g
-    return stage_group, replica_group
-
-
 class GradSync:
-    """Averages a step's gradients over the replicas of one stage, in one flat all-reduce."""
+    """Averages a step's gradients over the replicas of one stage, in one flat all-reduce on
+    the stage's process group (named "stage:s" in engine/schedule.py)."""
 
-    def __init__(self, group, replicas: int, rank: int, timeout_s: float):
-        self.group, self.replicas, self.rank = group, replicas, rank
-        self.timeout = timedelta(seconds=timeout_s)
+    def __init__(self, comm, group: str, replicas: int):
+        self.comm, self.group, self.replicas = comm, group, replicas
 
     def average(self, params: list[torch.Tensor], ok: bool) -> bool:
         """Replaces each parameter's gradient by the replicas' mean (a missing gradient counts
@@ -101,12 +79,7 @@ class GradSync:
         return True
 
     def all_reduce(self, flat: torch.Tensor, what: str) -> None:
-        work = dist.all_reduce(flat, group=self.group, async_op=True)
-        try:
-            work.wait(self.timeout)
-        except RuntimeError as e:
-            raise peer_failure(self.rank, f"{what} with this stage's replicas", None, e,
-                               self.timeout.total_seconds()) from e
+        self.comm.all_reduce(flat, self.group, f"{what} with this stage's replicas")
 
 
 class _SyncBatchNormFn(torch.autograd.Function):

@@ -14,6 +14,7 @@ identical initial weights and LAM copies equal the live blocks they copy.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -118,8 +119,18 @@ def _small_head(cfg: Config, spec: DatasetSpec, cin: int, depth: float) -> nn.Mo
                        spec.std, r0 + (r1 - r0) * depth, c0 + (c1 - c0) * depth)
 
 
+# Building seeds the global RNG and draws from it: ranks that are threads of one process
+# (tests/inprocess.py) must build one at a time to get identical weights.
+_BUILD_LOCK = threading.Lock()
+
+
 def build_local_modules(cfg: Config, spec: DatasetSpec) -> tuple[Backbone, list[LocalModule]]:
     """Cuts the seeded backbone into K local modules and attaches their heads."""
+    with _BUILD_LOCK:
+        return _build(cfg, spec)
+
+
+def _build(cfg: Config, spec: DatasetSpec) -> tuple[Backbone, list[LocalModule]]:
     torch.manual_seed(cfg.train.seed)
     backbone = build_backbone(cfg.model.name, spec.in_channels, spec.num_classes, cfg.model.width)
     K = 1 if cfg.method.name == "bp" else cfg.model.K

@@ -1,0 +1,248 @@
+"""A rank's start-up: checks, model, partition, process groups, stage, transport, LAM, data.
+
+`build(cfg, env)` returns one `Setup` that the trainer runs. Start-up checks run on every rank
+and are agreed on (engine/distributed.py `agree`) before anything is written, so a bad config
+stops every rank with the same one-line error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+
+from pipemlaan import checkpoint as ckpt
+from pipemlaan.config import Config, to_toml, validate_world
+from pipemlaan.data import dataset_spec, load_datasets, validate_data
+from pipemlaan.engine.distributed import DistEnv, agree, broadcast
+from pipemlaan.engine.lam import LamSync
+from pipemlaan.engine.p2p import Transport, WaitClock
+from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
+                                        measure_costs)
+from pipemlaan.engine.replicas import GradSync, Layout, sync_batch_norm
+from pipemlaan.engine.schedule import (RankSchedule, pipe_group, pipe_spec, process_groups,
+                                       stage_group)
+from pipemlaan.engine.stage import Stage
+from pipemlaan.errors import ConfigError, PipemlaanError
+from pipemlaan.local.module import build_local_modules, window_plan
+from pipemlaan.metrics import SavedTensorTracker
+from pipemlaan.ui import console
+
+
+@dataclass
+class Setup:
+    cfg: Config
+    env: DistEnv
+    layout: Layout
+    all_modules: list
+    partition: list[int]
+    stage: Stage
+    tracker: SavedTensorTracker
+    transport: Transport | None
+    lam: LamSync | None
+    schedule: RankSchedule
+    train_set: object
+    test_set: object
+    steps_per_epoch: int
+    test_samples: int
+    total_steps: int
+    clock: WaitClock
+
+    @property
+    def is_first(self) -> bool:
+        return self.layout.stage == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.layout.stage == self.layout.stages - 1
+
+
+def print0(env: DistEnv, *args) -> None:
+    if env.rank == 0:
+        console.print(*args)
+
+
+def stage_bounds(partition: list[int], stage: int) -> tuple[int, int]:
+    """[lo, hi) module indices of a stage."""
+    lo = sum(partition[:stage])
+    return lo, lo + partition[stage]
+
+
+def build(cfg: Config, env: DistEnv) -> Setup:
+    spec = dataset_spec(cfg.data)
+    backbone, all_modules = build_local_modules(cfg, spec)
+    plan = window_plan(cfg, len(all_modules))
+    K = len(all_modules)
+    min_per_rank = max(1, plan.max_reach() - 1)
+    _auto_resume_after_restart(cfg, env)
+    error = None
+    try:
+        validate_world(cfg, env.world, K)
+        if cfg.pipeline.partition and env.world > 1:
+            check_partition(cfg.pipeline.partition, min_per_rank)
+        if env.rank == 0:
+            validate_data(cfg.data)
+            _check_run_dir(cfg)
+    except PipemlaanError as e:
+        error = e
+    agree(env, error)
+    D = cfg.pipeline.replicas
+    layout = Layout(env.rank, D, env.world // D)
+    image_shape = (spec.in_channels, *spec.image_size)
+    shapes = _module_output_shapes(all_modules, image_shape)
+    partition = _partition(cfg, env, layout.stages, all_modules, image_shape, spec.num_classes,
+                           min_per_rank)
+    lo, hi = stage_bounds(partition, layout.stage)
+    owned = all_modules[lo:hi]
+    for m in all_modules:
+        if not (lo <= m.index < hi):
+            m.to("meta")   # other ranks' modules: keep the bookkeeping, drop the weights
+    for m in owned:
+        m.to(env.device)
+
+    # the schedule needs the run's length: rank 0 reads the data set's, every rank agrees
+    train_set = test_set = None
+    if lo == 0:
+        train_set, test_set, _ = load_datasets(cfg.data, env.device)
+    lengths = None
+    if env.rank == 0:
+        lengths = (train_set.num_batches(cfg.train.batch_size, True), test_set.num_samples)
+    steps_per_epoch, test_samples = broadcast(env, lengths)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is larger than the "
+                          f"training set; lower it")
+    full = cfg.train.epochs * steps_per_epoch
+    total = min(full, cfg.train.max_steps) if cfg.train.max_steps else full
+
+    pipelined = layout.stages > 1
+    async_pipe = cfg.pipeline.mode == "async" and pipelined
+    pspec = pipe_spec(plan, partition, all_modules, replicas=D, lockstep=not async_pipe,
+                      in_flight=cfg.pipeline.microbatches, lam_every=cfg.pipeline.lam_sync_every,
+                      total_steps=total, ema_only_last=cfg.method.ema_only_last)
+    if env.distributed:
+        env.comm.create_groups(process_groups(pspec))
+    grad_sync = None
+    if D > 1:
+        grad_sync = GradSync(env.comm, stage_group(layout.stage), D)
+        if cfg.pipeline.sync_bn:
+            for m in owned:
+                sync_batch_norm(m, grad_sync)
+    tracker = SavedTensorTracker()
+    stage = Stage(cfg, owned, plan, env.device, stash=async_pipe, saved_tracker=tracker,
+                  grad_sync=grad_sync)
+    schedule = RankSchedule(pspec, env.rank)
+
+    transport, clock = None, WaitClock(env.device)
+    if pipelined:
+        bf16 = env.device.type == "cuda" and cfg.train.bf16
+        local_batch = cfg.train.batch_size // D
+        transport = Transport(
+            env.comm, env.rank, env.device, in_shape=shapes[lo - 1] if lo > 0 else image_shape,
+            out_shape=shapes[hi - 1], image_shape=image_shape if cfg.method.name == "infopro"
+            else None, batch_size=local_batch, grads_in=schedule.grads_in,
+            in_flight=pspec.in_flight, act_dtype=torch.bfloat16 if bf16 else torch.float32,
+            has_prev=schedule.prev is not None, has_next=schedule.next is not None,
+            eval_batch_size=lambda i: min(local_batch, test_samples - i * local_batch),
+            clock=clock)
+        transport.handshake(
+            config_hash(cfg), schedule.prev, schedule.next,
+            pipe_group(env.rank, schedule.prev) if schedule.prev is not None else None,
+            pipe_group(env.rank, schedule.next) if schedule.next is not None else None)
+    lam = _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total)
+    if transport and lam:
+        transport.lam_buffer = lam.buffer
+    return Setup(cfg, env, layout, all_modules, partition, stage, tracker, transport, lam,
+                 schedule, train_set, test_set, steps_per_epoch, test_samples, total, clock)
+
+
+def config_hash(cfg: Config) -> int:
+    return int(hashlib.sha256(to_toml(cfg).encode()).hexdigest()[:12], 16)
+
+
+def _auto_resume_after_restart(cfg: Config, env: DistEnv) -> None:
+    """torchrun --max-restarts restarts every worker with the same arguments: continue
+    from the last complete checkpoint (or start over if the first one was never written)."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
+        return
+    has = (ckpt.latest_checkpoint(cfg.run_dir) is not None) if env.rank == 0 else None
+    has = broadcast(env, has)
+    cfg.run.resume = bool(has)
+    cfg.run.overwrite = not has
+    print0(env, f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: "
+                + ("resuming from the last checkpoint" if has else "starting over"))
+
+
+def _check_run_dir(cfg: Config) -> None:
+    d, run = cfg.run_dir, cfg.run
+    if d.exists() and any(d.iterdir()) and not run.resume:
+        if not run.overwrite:
+            raise ConfigError(f"run directory {d} already exists; pass --run.resume=true "
+                              f"to continue it, --run.overwrite=true to replace it, or a "
+                              f"new --run.name")
+        shutil.rmtree(d)
+    if run.resume and ckpt.latest_checkpoint(d) is None:
+        raise ConfigError(f"--run.resume=true but {d} holds no complete checkpoint; drop "
+                          f"--run.resume or check --run.name / --run.dir")
+    try:
+        d.parent.mkdir(parents=True, exist_ok=True)
+        probe = d.parent / f".pipemlaan-write-test-{d.name}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"cannot write to {d.parent} ({e.strerror}); choose a writable "
+                          f"--run.dir") from None
+
+
+@torch.no_grad()
+def _module_output_shapes(modules, image_shape) -> list[tuple[int, ...]]:
+    x = torch.zeros(1, *image_shape)
+    shapes = []
+    for m in modules:
+        was = m.training
+        m.eval()
+        x = m.body(x)
+        m.train(was)
+        shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
+def _partition(cfg, env, stages, modules, image_shape, num_classes, min_per_rank) -> list[int]:
+    """Modules per stage (the same in every replica)."""
+    K = len(modules)
+    if stages == 1:
+        return [K]
+    if cfg.pipeline.partition:
+        parts = list(cfg.pipeline.partition)
+        print0(env, f"partition {parts} (from pipeline.partition)")
+        return parts
+    costs = None
+    if env.rank == 0:
+        g = torch.Generator().manual_seed(0)
+        n = min(cfg.train.batch_size, 32)
+        x = torch.randn(n, *image_shape, generator=g).to(env.device)
+        y = torch.randint(0, num_classes, (n,), generator=g).to(env.device)
+        mods = [m.to(env.device) for m in modules]
+        costs = measure_costs(mods, x, y)
+        for m in mods:
+            m.to("cpu")
+    costs = broadcast(env, costs)
+    parts = balanced_partition(costs, stages, min_per_rank)
+    print0(env, describe(parts, costs))
+    return parts
+
+
+def _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total):
+    if not any(m.twin is not None for m in all_modules):
+        return None
+    owner = {}     # block -> the global rank of its stage in this replica
+    for s in range(len(partition)):
+        lo, hi = stage_bounds(partition, s)
+        for m in all_modules[lo:hi]:
+            for b in range(m.block_range[0], m.block_range[1] + 1):
+                owner[b] = layout.rank_of(layout.replica, s)
+    live = {b: backbone.blocks[b] for b, r in owner.items() if r == env.rank}
+    return LamSync(cfg, env.rank, stage.modules, all_modules, owner, live, total,
+                   device=env.device)

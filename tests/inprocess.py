@@ -1,0 +1,61 @@
+"""Runs a whole pipeline in this process: one thread per rank, the in-memory transport
+(engine/comm.py LocalComm), the same trainer and action lists as a torchrun launch.
+
+Not a test module; imported by the tests that compare pipelines with the single process
+without starting a Python process per rank (test_inprocess.py). What only separate processes
+can show (rendezvous, a dead rank, restarts, multi-node, exit codes) stays on torchrun.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import torch
+
+from pipemlaan.config import load_config
+from pipemlaan.engine.comm import LocalComm, LocalWorld
+from pipemlaan.engine.distributed import DistEnv
+from pipemlaan.metrics import read_metrics
+
+
+def run_ranks(overrides: list[str], world: int, timeout_s: float = 120.0) -> dict:
+    """Trains with `world` ranks; returns {"summary": rank 0's summary, "metrics": every
+    metrics.jsonl record, "run_dir": the run folder}. A rank's exception is re-raised (the
+    first one that is not a consequence of another rank's failure)."""
+    shared = LocalWorld(world, timeout_s)
+    results: list = [None] * world
+    errors: list = [None] * world
+    cfg0 = load_config(None, overrides)
+
+    def worker(rank: int) -> None:
+        from pipemlaan.engine.trainer import Trainer
+        try:
+            cfg = load_config(None, overrides)
+            env = DistEnv(rank, world, rank, torch.device("cpu"),
+                          "local" if world > 1 else None,
+                          LocalComm(shared, rank) if world > 1 else None)
+            trainer = Trainer(cfg, env)
+            try:
+                results[rank] = trainer.train()
+            finally:
+                trainer.close()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller below
+            errors[rank] = e
+            shared.fail(f"rank {rank} raised {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(r,), daemon=True) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s * 4)
+        if t.is_alive():
+            shared.fail("test timeout")
+            raise TimeoutError(f"a rank did not finish within {timeout_s * 4:.0f} s")
+    failed = [e for e in errors if e is not None]
+    if failed:
+        first = next((e for e in failed if "raised" not in str(e)), failed[0])
+        raise first
+    run_dir = Path(cfg0.run_dir)
+    return {"summary": results[0], "metrics": read_metrics(run_dir / "metrics.jsonl"),
+            "run_dir": run_dir}
