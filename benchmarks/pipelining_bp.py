@@ -34,7 +34,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe  # noqa: E402
 
-from pipemlaan.engine.partition import balanced_partition  # noqa: E402
+from pipemlaan.engine.partition import balanced_partition, stage_bounds  # noqa: E402
 from pipemlaan.errors import ConfigError  # noqa: E402
 from pipemlaan.models import build_backbone, parse_model_name  # noqa: E402
 
@@ -211,8 +211,8 @@ def run(args, rank: int, world: int, device: torch.device) -> dict | None:
     counts, costs = choose_split(args, items, world, rank, device)
     if rank == 0:
         print(describe_split(counts, costs, len(items)), flush=True)
-    start = sum(counts[:rank])
-    submod = nn.Sequential(*items[start:start + counts[rank]]).to(device)
+    lo, hi = stage_bounds(counts, rank)
+    submod = nn.Sequential(*items[lo:hi]).to(device)
     del backbone, items
 
     # Shapes are inferred on the first step (dynamic metadata inference), which is a warm-up step.

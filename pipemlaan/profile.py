@@ -2,7 +2,8 @@
 
 Runs a few training steps of the real stage code for every rank of an R-rank pipeline inside one
 process (the stages hand activations and window gradients to each other exactly as a lockstep
-pipeline does over P2P) and reports, per rank, the device-independent accounting of DESIGN.md:
+pipeline does over P2P) and reports, per rank, the device-independent accounting that metrics.py documents (and
+README's "Memory per device" explains):
 peak bytes saved for backward + parameters, gradients, buffers and optimizer state + the P2P
 receive buffers. `--table3` prints the paper's Table 3 shape (BP and the local methods on
 ResNet-32 / ResNet-110 at CIFAR shapes and ResNet-34 at ImageNet shapes).
@@ -24,7 +25,7 @@ from rich.table import Table
 
 from pipemlaan.config import Config, load_config, method_label
 from pipemlaan.data import DatasetSpec
-from pipemlaan.engine.partition import balanced_partition, measure_costs
+from pipemlaan.engine.partition import balanced_partition, measure_costs, stage_bounds
 from pipemlaan.engine.stage import Stage
 from pipemlaan.errors import PipemlaanError
 from pipemlaan.local.module import build_local_modules, window_plan
@@ -51,11 +52,11 @@ def profile_memory(cfg: Config, spec: DatasetSpec, ranks: int, batch: int,
             small = min(batch, 8)
             costs = measure_costs(modules, x0[:small], y0[:small], repeats=1)
             partition = balanced_partition(costs, ranks, max(1, plan.max_reach() - 1))
-    stages, lo = [], 0
-    for n in partition:
-        stages.append(Stage(cfg, modules[lo:lo + n], plan, torch.device("cpu"),
+    stages = []
+    for s in range(len(partition)):
+        lo, hi = stage_bounds(partition, s)
+        stages.append(Stage(cfg, modules[lo:hi], plan, torch.device("cpu"),
                             saved_tracker=SavedTensorTracker()))
-        lo += n
     images = x0 if cfg.method.name == "infopro" else None
     for step in range(steps):
         x = x0
@@ -67,11 +68,12 @@ def profile_memory(cfg: Config, spec: DatasetSpec, ranks: int, batch: int,
     for r, st in enumerate(stages):
         mods = list(st.modules.values())
         static = state_bytes(mods, st.optimizers.values())
-        act_in = 0
-        if r > 0:
-            act_in = x0.new_empty(0).element_size() * batch * _numel_out(modules, st.first - 1, spec)
-        # ring of 2 receive slots (lockstep) + the gradient buffer
-        comm = act_in * 2 + act_in * len(st.from_next if r < len(stages) - 1 else [])
+        item = x0.new_empty(0).element_size() * batch
+        act_in = item * _numel_out(modules, st.first - 1, spec) if r > 0 else 0
+        grads_in = len(st.from_next) if r < len(stages) - 1 else 0
+        # engine/p2p.py: a ring of 2 receive slots (lockstep) + one buffer for the window
+        # gradients from the next rank, shaped like this stage's output
+        comm = act_in * 2 + grads_in * item * _numel_out(modules, st.last, spec)
         out.append({"rank": r, "modules": st.indices, "activation_bytes": st.tracker.peak,
                     "state_bytes": static, "comm_bytes": comm,
                     "total_bytes": st.tracker.peak + static + comm})

@@ -352,7 +352,7 @@ def test_lam_sync_moves_twin_toward_live_block():
         twin_before = {m.index: [s.clone() for s in block_state(m.twin)] for m in followers}
         live_now = {m.index: [s.clone() for s in block_state(backbone.blocks[m.twin_source])]
                     for m in followers}
-        lam.before_step(t)
+        lam.ema(t, {})
         for m in followers:
             after = block_state(m.twin)
             for a, b, l in zip(after, twin_before[m.index], live_now[m.index]):
@@ -376,7 +376,7 @@ def test_ema_only_last_updates_only_the_last_twin():
     y = torch.randint(0, spec.num_classes, (16,), generator=g)
     stage.forward_batch(0, 0.1, x, y, None)
     before = {m.index: [s.clone() for s in block_state(m.twin)] for m in followers}
-    lam.before_step(1)
+    lam.ema(1, {})
     last = max(m.index for m in followers)
     for m in followers:
         moved = any(not torch.equal(a, b) for a, b in zip(block_state(m.twin), before[m.index]))

@@ -23,19 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from pipemlaan.engine.flat import flatten, unflatten
 from pipemlaan.local.module import LocalModule, block_state, ema_update
-
-
-def _flat(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).float() for t in tensors])
-
-
-def _unflat(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    out, i = [], 0
-    for t in like:
-        out.append(flat[i:i + t.numel()].view_as(t).to(t.dtype))
-        i += t.numel()
-    return out
 
 
 class LamSync:
@@ -86,7 +75,8 @@ class LamSync:
     # ---- owner side ----------------------------------------------------------------------
     def pack(self, receiver: int) -> torch.Tensor:
         """The live weights `receiver` follows, as one flat tensor (after the last step)."""
-        return _flat([x for b in self.send_to[receiver] for x in block_state(self.live[b])])
+        return flatten([x for b in self.send_to[receiver] for x in block_state(self.live[b])],
+                       torch.float32)
 
     # ---- receiver side -------------------------------------------------------------------
     def buffer(self, owner: int) -> torch.Tensor:
@@ -101,7 +91,7 @@ class LamSync:
                 self.snap[b] = [x.detach().clone() for x in block_state(self.live[b])]
         for q, flat in received.items():
             blocks = self.recv_from[q]
-            for b, new in zip(blocks, _split_blocks(_unflat(flat, self._like(blocks)),
+            for b, new in zip(blocks, _split_blocks(unflatten(flat, self._like(blocks)),
                                                     [len(self.snap[b]) for b in blocks])):
                 self.snap[b] = new
         for m in self.twins:

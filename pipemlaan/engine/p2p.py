@@ -97,10 +97,9 @@ class Transport:
                             for _ in range(self._ring)]
             self._images = ([torch.empty((B, *self.image_shape), device=device)
                              for _ in range(self._ring)] if self.image_shape else None)
-        self._grads = ([torch.empty((grads_in, B, *self.out_shape), dtype=act_dtype,
-                                    device=device) for _ in range(2)]
-                       if has_next and grads_in else None)
-        self._grad_slot = 0
+        # one buffer: the schedule waits for and uses each gradient before it posts the next
+        self._grads = (torch.empty((grads_in, B, *self.out_shape), dtype=act_dtype,
+                                   device=device) if has_next and grads_in else None)
         self.lam_buffer = None     # set by the trainer: owner rank -> a fresh flat buffer
 
     # ---- what compute hands over and takes ------------------------------------------------
@@ -157,9 +156,7 @@ class Transport:
                 out.append(self._images[slot][:B])
             return out
         if msg.kind == GRAD:
-            buf = self._grads[self._grad_slot]
-            self._grad_slot ^= 1
-            return [buf]
+            return [self._grads]
         if msg.kind == LAM:
             return [self.lam_buffer(msg.src)]
         raise ValueError(msg.kind)

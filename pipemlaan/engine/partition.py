@@ -83,14 +83,19 @@ def measure_costs(modules: list[LocalModule], example: torch.Tensor, labels: tor
     return costs
 
 
+def stage_bounds(counts: list[int], stage: int) -> tuple[int, int]:
+    """[lo, hi): the indices of the modules (or blocks) stage `stage` owns."""
+    lo = sum(counts[:stage])
+    return lo, lo + counts[stage]
+
+
 def describe(counts: list[int], costs: list[float]) -> str:
-    lines, start = [], 0
-    stage_costs = []
-    for r, n in enumerate(counts):
-        c = sum(costs[start:start + n])
+    lines, stage_costs = [], []
+    for r in range(len(counts)):
+        lo, hi = stage_bounds(counts, r)
+        c = sum(costs[lo:hi])
         stage_costs.append(c)
-        lines.append(f"  rank {r}: modules {start}-{start + n - 1} ({c * 1e3:.1f} ms/step)")
-        start += n
+        lines.append(f"  rank {r}: modules {lo}-{hi - 1} ({c * 1e3:.1f} ms/step)")
     balance = (sum(stage_costs) / len(stage_costs)) / max(stage_costs)
     return ("partition " + str(counts) + f", predicted balance {balance:.0%} "
             "(mean stage / slowest stage)\n" + "\n".join(lines))

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipemlaan.engine.flat import flatten, unflatten
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -64,18 +66,16 @@ class GradSync:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         like = grads[0] if grads else torch.empty(0)
         flag = torch.zeros(1, dtype=like.dtype, device=like.device) + (0.0 if ok else 1.0)
-        flat = torch.cat([g.reshape(-1) for g in grads] + [flag])
+        flat = flatten(grads + [flag])
         self.all_reduce(flat, "averaging gradients")
         if flat[-1].item() > 0:
             return False
         flat.div_(self.replicas)
-        i = 0
-        for p, has in zip(params, had):
+        for p, has, mean in zip(params, had, unflatten(flat, grads)):
             # every replica has the same parameters without a gradient (same structure):
             # they stay without one, so the optimizer skips them as in the single process
             if has:
-                p.grad.copy_(flat[i:i + p.numel()].view_as(p))
-            i += p.numel()
+                p.grad.copy_(mean)
         return True
 
     def all_reduce(self, flat: torch.Tensor, what: str) -> None:

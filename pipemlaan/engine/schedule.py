@@ -178,11 +178,10 @@ def pipe_spec(plan, partition: list[int], modules, *, replicas: int, lockstep: b
               ema_only_last: bool = False) -> PipeSpec:
     """The schedule's view of a configured run: `plan` is the window plan, `partition` the
     module counts per stage, `modules` every LocalModule (read for twins and block ranges)."""
-    starts = [sum(partition[:s]) for s in range(len(partition))]
     stage_of_module = [s for s, n in enumerate(partition) for _ in range(n)]
     grads = []
     for s in range(len(partition) - 1):
-        last = starts[s] + partition[s] - 1
+        last = sum(partition[:s + 1]) - 1      # the stage's last module
         grads.append(sum(1 for j in plan.covering(last) if j > last))
     stage_of_block = {}
     for m in modules:
@@ -196,7 +195,8 @@ def pipe_spec(plan, partition: list[int], modules, *, replicas: int, lockstep: b
                     if stage_of_block[m.twin_source] != stage_of_module[m.index]})
     return PipeSpec(stages=len(partition), replicas=replicas, lockstep=lockstep,
                     in_flight=1 if lockstep else in_flight, grads=tuple(grads),
-                    lam_flows=tuple(flows), twin_stages=twin_stages, lam_every=lam_every, total_steps=total_steps)
+                    lam_flows=tuple(flows), twin_stages=twin_stages, lam_every=lam_every,
+                    total_steps=total_steps)
 
 
 # ---- one rank's actions ----------------------------------------------------------------------

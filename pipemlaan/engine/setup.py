@@ -21,7 +21,7 @@ from pipemlaan.engine.distributed import DistEnv, agree, broadcast
 from pipemlaan.engine.lam import LamSync
 from pipemlaan.engine.p2p import Transport, WaitClock
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
-                                        measure_costs)
+                                        measure_costs, stage_bounds)
 from pipemlaan.engine.replicas import GradSync, Layout, sync_batch_norm
 from pipemlaan.engine.schedule import (RankSchedule, pipe_group, pipe_spec, process_groups,
                                        stage_group)
@@ -63,12 +63,6 @@ class Setup:
 def print0(env: DistEnv, *args) -> None:
     if env.rank == 0:
         console.print(*args)
-
-
-def stage_bounds(partition: list[int], stage: int) -> tuple[int, int]:
-    """[lo, hi) module indices of a stage."""
-    lo = sum(partition[:stage])
-    return lo, lo + partition[stage]
 
 
 def build(cfg: Config, env: DistEnv) -> Setup:
