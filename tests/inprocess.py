@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 
 from pipemlaan.config import load_config
-from pipemlaan.engine.comm import LocalComm, LocalWorld
+from pipemlaan.engine.comm import HostStagedComm, LocalComm, LocalWorld
 from pipemlaan.engine.distributed import DistEnv
 from pipemlaan.metrics import read_metrics
 
 
-def run_ranks(overrides: list[str], world: int, timeout_s: float = 120.0) -> dict:
-    """Trains with `world` ranks; returns {"summary": rank 0's summary, "metrics": every
+def run_ranks(overrides: list[str], world: int, timeout_s: float = 120.0,
+              host_staged: bool = False) -> dict:
+    """Trains with `world` ranks (`host_staged`: every tensor exchanged goes through a host
+    buffer, as on ranks that share a GPU: engine/comm.py HostStagedComm); returns {"summary": rank 0's summary, "metrics": every
     metrics.jsonl record, "run_dir": the run folder}. A rank's exception is re-raised (the
     first one that is not a consequence of another rank's failure)."""
     shared = LocalWorld(world, timeout_s)
@@ -32,9 +34,11 @@ def run_ranks(overrides: list[str], world: int, timeout_s: float = 120.0) -> dic
         from pipemlaan.engine.trainer import Trainer
         try:
             cfg = load_config(None, overrides)
+            comm = LocalComm(shared, rank) if world > 1 else None
+            if comm is not None and host_staged:
+                comm = HostStagedComm(comm, stage_all=True)
             env = DistEnv(rank, world, rank, torch.device("cpu"),
-                          "local" if world > 1 else None,
-                          LocalComm(shared, rank) if world > 1 else None)
+                          "local" if world > 1 else None, comm)
             trainer = Trainer(cfg, env)
             try:
                 results[rank] = trainer.train()

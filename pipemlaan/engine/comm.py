@@ -7,6 +7,8 @@ start-up, checkpoints, evaluation and the summary. Groups are named as in engine
 
 - `TorchComm`: torch.distributed (gloo on CPU, NCCL on GPUs), one process per rank. Every
   named group is a process group of its own, so NCCL gives each its own communicator.
+- `HostStagedComm`: wraps a transport so that device tensors travel through host buffers (gloo
+  on ranks that share a GPU, where NCCL refuses to run).
 - `LocalComm`: ranks are threads of one process and messages are tensors handed over in memory,
   with gloo's rules (sends buffered, receives matched in order per sender, group and receiver).
   Tests run whole pipelines in one process with it (tests/inprocess.py): the same trainer, the
@@ -114,6 +116,71 @@ class TorchComm(Comm):
             dist.barrier()
         except RuntimeError as e:
             raise peer_failure(self.rank, "waiting for every rank", None, e) from e
+
+
+class HostStagedComm(Comm):
+    """gloo for device tensors: each one travels through a host buffer (pinned where CUDA is
+    present), so ranks that share a GPU can exchange activations, gradients and LAM weights,
+    and replicas can all-reduce. `stage_all` stages CPU tensors too (what the CPU tests use to
+    run these code paths)."""
+
+    def __init__(self, inner: Comm, stage_all: bool = False):
+        self.inner, self.stage_all = inner, stage_all
+        self.rank, self.world, self.timeout_s = inner.rank, inner.world, inner.timeout_s
+        self.pin = torch.cuda.is_available()
+
+    def _staged(self, t: torch.Tensor) -> bool:
+        return self.stage_all or t.device.type != "cpu"
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=self.pin)
+
+    def create_groups(self, groups):
+        self.inner.create_groups(groups)
+
+    def post(self, ops):
+        staged, copies = [], []
+        for send, t, peer, group in ops:
+            if not self._staged(t):
+                staged.append((send, t, peer, group))
+                copies.append(None)
+                continue
+            h = self._host(t)
+            if send:
+                h.copy_(t)       # synchronous: the bytes are on the host before gloo reads them
+            staged.append((send, h, peer, group))
+            copies.append(None if send else (h, t))
+        works = self.inner.post(staged)
+        return [_StagedWork(w, c) for w, c in zip(works, copies)]
+
+    def wait(self, work, peer, what):
+        self.inner.wait(work.inner, peer, what)
+        if work.copy is not None:
+            host, dev = work.copy
+            dev.copy_(host, non_blocking=True)
+            work.copy = None
+
+    def all_reduce(self, tensor, group, what):
+        if not self._staged(tensor):
+            return self.inner.all_reduce(tensor, group, what)
+        h = self._host(tensor)
+        h.copy_(tensor)
+        self.inner.all_reduce(h, group, what)
+        tensor.copy_(h, non_blocking=True)
+
+    def all_gather_object(self, obj):
+        return self.inner.all_gather_object(obj)
+
+    def broadcast_object(self, obj, src=0):
+        return self.inner.broadcast_object(obj, src)
+
+    def barrier(self):
+        self.inner.barrier()
+
+
+class _StagedWork:
+    def __init__(self, inner, copy):
+        self.inner, self.copy = inner, copy
 
 
 # ---- ranks as threads -----------------------------------------------------------------------

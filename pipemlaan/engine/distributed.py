@@ -1,7 +1,8 @@
 """Process-group set-up and teardown, and the few collectives the trainer needs.
 
 Works alone (world size 1, no process group) and under torchrun (reads RANK, WORLD_SIZE,
-LOCAL_RANK). NCCL on CUDA, gloo on CPU, unless pipeline.backend says otherwise.
+LOCAL_RANK). NCCL on CUDA with one GPU per rank, gloo on CPU, and gloo through pinned host
+buffers when ranks share a GPU (`choose_backend`), unless pipeline.backend says otherwise.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ import torch
 import torch.distributed as dist
 
 from pipemlaan.config import Config
-from pipemlaan.engine.comm import Comm, TorchComm
+from pipemlaan.engine.comm import Comm, HostStagedComm, TorchComm
 from pipemlaan.engine import watchdog
 from pipemlaan.errors import ConfigError, PipelineError, PipemlaanError
+from pipemlaan.ui import console
 
 
 @dataclass
@@ -51,24 +53,51 @@ def init_distributed(cfg: Config) -> DistEnv:
         torch.set_num_threads(cfg.train.threads)
     backend = None
     if world > 1:
-        backend = cfg.pipeline.backend
-        if backend == "auto":
-            backend = "nccl" if use_cuda else "gloo"
-        if backend == "nccl" and not use_cuda:
-            raise ConfigError("pipeline.backend=nccl needs CUDA devices; use gloo on CPU")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        gpus = torch.cuda.device_count() if use_cuda else 0
+        backend, staged, note = choose_backend(cfg.pipeline.backend, use_cuda, local_world, gpus)
+        if note and rank == 0:
+            console.print(note)
         timeout = timedelta(seconds=cfg.pipeline.timeout_s)
         try:
             dist.init_process_group(backend, timeout=timeout, store=_attempt_store(world, timeout),
                                     rank=rank, world_size=world,
-                                    device_id=device if use_cuda else None)
+                                    device_id=device if backend == "nccl" else None)
         except (RuntimeError, ValueError) as e:
             raise PipelineError(f"rank {rank}: could not join the process group ({e}); check "
                                 f"MASTER_ADDR/MASTER_PORT or the torchrun rendezvous, and that "
                                 f"every rank was started") from e
         watchdog.start(rank, world)
+        comm = TorchComm(rank, world, cfg.pipeline.timeout_s)
         return DistEnv(rank, world, local_rank, device, backend,
-                       TorchComm(rank, world, cfg.pipeline.timeout_s))
+                       HostStagedComm(comm) if staged else comm)
     return DistEnv(rank, world, local_rank, device, backend)
+
+
+def choose_backend(requested: str, use_cuda: bool, local_world: int,
+                   gpus: int) -> tuple[str, bool, str]:
+    """(backend, stage device tensors through host memory?, a note for the user or "").
+
+    NCCL wants one GPU per rank; gloo moves only host tensors. When a node's ranks outnumber
+    its GPUs (or gloo is asked for on CUDA), exchanges go over gloo through pinned host buffers:
+    a development and measurement mode, slower than NCCL with one GPU per rank."""
+    if not use_cuda:
+        if requested == "nccl":
+            raise ConfigError("pipeline.backend=nccl needs CUDA devices; use gloo on CPU")
+        return "gloo", False, ""
+    shared = local_world > gpus
+    if requested == "nccl" and shared:
+        raise ConfigError(f"pipeline.backend=nccl but {local_world} ranks share {gpus} GPU(s) "
+                          f"on this node, and NCCL refuses two ranks on one device; use "
+                          f"--pipeline.backend=gloo (or auto) to share GPUs through host "
+                          f"memory, or start one rank per GPU")
+    if requested == "nccl" or (requested == "auto" and not shared):
+        return "nccl", False, ""
+    why = (f"{local_world} ranks share {gpus} GPU(s)" if shared
+           else "pipeline.backend=gloo on CUDA")
+    return "gloo", True, (f"{why}: activations, gradients and weights go through pinned host "
+                          f"memory over gloo, slower than NCCL with one GPU per rank "
+                          f"(a development and measurement mode)")
 
 
 def _attempt_store(world: int, timeout: timedelta):
@@ -93,7 +122,7 @@ def cleanup(env: DistEnv, finished: bool = False) -> None:
     so that no rank's last collective is still in flight; after a failure it does not wait
     (the peers may be dead or stuck), so the failing rank exits at once."""
     watchdog.stop()
-    if isinstance(env.comm, TorchComm) and dist.is_initialized():
+    if env.backend in ("gloo", "nccl") and dist.is_initialized():
         if finished:
             try:
                 dist.barrier()
