@@ -119,7 +119,8 @@ class PipelineConfig:
     lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")
     timeout_s: float = _f(120.0, "seconds any wait on a peer may take before the run stops "
                           "with an error naming that peer")
-    backend: str = _f("auto", "auto | gloo | nccl (auto: nccl on CUDA, gloo on CPU)")
+    backend: str = _f("auto", "auto | gloo | nccl (auto: nccl with one GPU per rank, gloo on "
+                      "CPU, gloo through host memory when ranks share a GPU)")
     replicas: int = _f(1, "data-parallel copies D of the pipeline: the world's R ranks run D "
                        "pipelines of R/D stages; train.batch_size stays the global batch")
     sync_bn: bool = _f(False, "with replicas > 1, BatchNorm statistics over the whole global "
