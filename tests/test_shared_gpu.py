@@ -76,3 +76,4 @@ def test_a_host_staged_pipeline_equals_the_direct_one(tmp_path):
     ref = run_ranks(base + rep + ["--run.name=direct-rep"], 4)["summary"]
     staged = run_ranks(base + rep + ["--run.name=staged-rep"], 4, host_staged=True)["summary"]
     assert staged["param_checksum_per_rank"] == ref["param_checksum_per_rank"]
+
