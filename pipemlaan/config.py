@@ -105,6 +105,8 @@ class RunConfig:
     checkpoint_every: int = _f(1, "write checkpoints every N epochs (and at the end)")
     checkpoint_steps: int = _f(0, "also write a checkpoint every N steps (0 = only per epoch)")
     progress: bool = _f(True, "rich progress bar and live stage view on rank 0")
+    profile_steps: list = _f([], "[first, last] training steps to trace with torch.profiler "
+                             "(one Perfetto/Chrome trace per rank in <run>/traces/); [] = off")
 
 
 @dataclass
@@ -265,6 +267,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"pipeline.backend={p.backend!r} is unknown; use auto, gloo or nccl")
     if t.nonfinite not in ("stop", "skip"):
         raise ConfigError(f"train.nonfinite={t.nonfinite!r} is unknown; use stop or skip")
+    ps = cfg.run.profile_steps
+    if ps and (len(ps) != 2 or not all(isinstance(v, int) for v in ps) or not 0 <= ps[0] <= ps[1]):
+        raise ConfigError(f"run.profile_steps={ps} must be [first, last] with 0 <= first <= "
+                          f"last (training steps), or [] to trace nothing")
     if cfg.run.checkpoint_steps < 0:
         raise ConfigError("run.checkpoint_steps must be >= 0 (0 = only per epoch)")
     if t.device not in ("auto", "cpu", "cuda"):

@@ -77,3 +77,28 @@ def test_a_host_staged_pipeline_equals_the_direct_one(tmp_path):
     staged = run_ranks(base + rep + ["--run.name=staged-rep"], 4, host_staged=True)["summary"]
     assert staged["param_checksum_per_rank"] == ref["param_checksum_per_rank"]
 
+
+
+def test_profile_steps_write_a_trace_per_rank_with_the_stage_names(tmp_path):
+    """run.profile_steps traces the given steps on every rank, into <run>/traces/rankR.json,
+    with the stage's record_function names (where a rank computes, where it waits). The
+    profiler is process-wide, so ranks are processes here (torchrun), not threads; the run
+    must also finish cleanly after the trace (a freed profiler once crashed it)."""
+    import json
+    import subprocess
+
+    from launching import REPO, TORCHRUN, launch_env
+    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m",
+                           "pipemlaan.train", *TINY, f"--run.dir={tmp_path}",
+                           "--run.name=traced", "--run.profile_steps=[1,2]"],
+                          cwd=REPO, env=launch_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "traced" / "summary.json").exists()
+    for r in (0, 1):
+        trace = json.loads((tmp_path / "traced" / "traces" / f"rank{r}.json").read_text())
+        names = {e.get("name", "") for e in trace["traceEvents"]}
+        assert any(n.startswith("module ") and n.endswith(" forward") for n in names), r
+    from pipemlaan.config import load_config
+    with pytest.raises(ConfigError, match="profile_steps"):
+        load_config(None, ["--run.profile_steps=[3,1]"])
