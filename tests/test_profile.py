@@ -9,7 +9,7 @@ import torch
 from benchmarks.cost_model import Setup, predict
 from pipemlaan.config import Config
 from pipemlaan.data import DatasetSpec
-from pipemlaan.profile import profile_memory
+from pipemlaan.profile import _numel_out, profile_memory
 
 SPEC = DatasetSpec("synthetic", 1, (16, 16), 10, (0.0,), (1.0,))
 
@@ -43,7 +43,34 @@ def test_pipeline_ranks_hold_less_than_the_single_process(peaks):
     for r in split:
         assert 0 < r["activation_bytes"] <= local["activation_bytes"]
         assert 0 < r["state_bytes"] < local["state_bytes"]
-    assert split[0]["comm_bytes"] == 0 and split[1]["comm_bytes"] > 0
+    # P2P buffers: rank 0 receives window gradients shaped like its own output (one window
+    # crosses with W=2); rank 1 a ring of 2 activations shaped like its input, and nothing back
+    out0 = 32 * _numel_out(profile_modules(), 4, SPEC) * 4
+    assert split[0]["comm_bytes"] == out0
+    assert split[1]["comm_bytes"] == 2 * out0
+
+
+def profile_modules():
+    from pipemlaan.local.module import build_local_modules
+    return build_local_modules(_cfg("dgl", True, True, 10), SPEC)[1]
+
+
+def test_stage_alone_measures_each_rank_with_real_shapes():
+    """profile.stage_alone (what the GPU check runs on CUDA) on CPU: each rank's step time and
+    memory, the pipeline's ranks each below the single process."""
+    from pipemlaan.local.module import window_plan
+    from pipemlaan.profile import stage_alone
+    cfg = _cfg("dgl", True, True, 10)
+    mods = profile_modules()
+    plan = window_plan(cfg, len(mods))
+    cpu = torch.device("cpu")
+    one = stage_alone(cfg, SPEC, mods, plan, [10], 0, 32, cpu, steps=2, warmup=1)
+    per = [stage_alone(cfg, SPEC, mods, plan, [5, 5], r, 32, cpu, steps=2, warmup=1)
+           for r in (0, 1)]
+    assert [p["modules"] for p in per] == [[0, 4], [5, 9]]
+    for p in per:
+        assert 0 < p["peak_bytes"] < one["peak_bytes"]
+        assert 0 < p["step_s"] < one["step_s"]
 
 
 def test_cost_model_is_set_by_the_slowest_stage():
