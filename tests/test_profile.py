@@ -92,3 +92,24 @@ def test_cost_model_charges_unoverlapped_transfers():
     # each rank moves one activation and one window gradient: 200 bytes at 100 B/s
     assert hidden == pytest.approx(1.0)
     assert exposed == pytest.approx(1 / 3)
+
+
+def test_gpu_projection_runs_on_cpu_and_projects_from_measured_stage_times(tmp_path):
+    """benchmarks/gpu_projection.py (the GPU check's projection) with the CPU's clock: every
+    figure present, the pipeline set by its slowest measured stage, BP's 1F1B with its
+    bubble, and the stages x replicas layout on 8 devices."""
+    import json
+
+    from benchmarks.gpu_projection import main
+    out = tmp_path / "proj.json"
+    assert main(["--device", "cpu", "--model", "resnet8", "--K", "4", "--batch", "32",
+                 "--image", "3,16,16", "--stages", "2", "--steps", "2", "--warmup", "1",
+                 "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    two = next(r for r in res["projected"] if r["gpus"] == 2)
+    assert two["pipemlaan_images_per_s"] == pytest.approx(32 / max(two["stage_step_s"]))
+    bubble = (8 + 2 - 1) * max(two["bp_1f1b_stage_fwd_bwd_s"])
+    assert two["bp_1f1b_images_per_s"] == pytest.approx(32 / bubble)
+    eight = next(r for r in res["projected"] if r["gpus"] == 8)
+    assert (eight["stages"], eight["replicas"]) == (2, 4)
+    assert set(res["measured"]["single_process_images_per_s"]) == {"bp", "dgl+mlaan"}
