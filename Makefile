@@ -3,7 +3,7 @@ PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 NPROC ?= 2
 
-.PHONY: setup data run test bench soak profile clean
+.PHONY: setup data run test bench soak profile gpu-check clean
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -40,6 +40,11 @@ soak: setup
 # Memory per device in the paper's Table 3 shape.
 profile: setup
 	OMP_NUM_THREADS=1 $(PY) -m pipemlaan.profile --table3 --ranks 4 $(ARGS)
+
+# On a machine with one GPU (no .venv needed: runs from the tree with the machine's torch):
+# GPU tests, GPU throughput, memory per device, projections; < 8 min on one H100.
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf runs .pytest_cache

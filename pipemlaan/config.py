@@ -93,6 +93,8 @@ class TrainConfig:
                         "step) or skip (that module drops the batch's update and goes on)")
     bf16: bool = _f(False, "bf16 autocast on CUDA")
     channels_last: bool = _f(False, "channels-last memory format on CUDA")
+    deterministic: bool = _f(False, "deterministic algorithms (torch and cuDNN): bit-equal runs "
+                             "on CUDA across processes, at some speed")
 
 
 @dataclass

@@ -51,6 +51,11 @@ def init_distributed(cfg: Config) -> DistEnv:
         device = torch.device("cpu")
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if cfg.train.deterministic:
+        # cuBLAS needs a fixed workspace to be deterministic; set before its first use
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     backend = None
     if world > 1:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))

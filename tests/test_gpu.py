@@ -1,0 +1,145 @@
+"""The GPU path on a one-GPU machine: ranks that share the GPU (gloo through pinned host
+buffers), checked against the single process on the same GPU.
+
+- lockstep pipelines of 2 and 4 ranks on one GPU equal the single process on the GPU
+  (train.deterministic on; per-step losses, parameters, evaluation within 1e-5) for
+  dgl+mlaan, infopro+mlaan, and BP as 2 data-parallel replicas;
+- async 4 ranks train and finish; replicas 2 x 2 run and stay identical;
+- bf16 autocast + channels-last run and train;
+- a dead rank on the GPU ends the job with the rank named, as on CPU.
+
+Skipped without CUDA (CI has none). Run on a GPU machine:
+  cd /work/main && OMP_NUM_THREADS=1 python -m pytest -q -m gpu tests/test_gpu.py
+(benchmarks/gpu_check.sh runs them with the GPU figures).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+RTOL, ATOL = 1e-5, 1e-6
+BASE = ["--data.name=synthetic", "--data.synthetic_image=[3,32,32]", "--model.name=resnet20",
+        "--model.K=4", "--train.batch_size=64", "--data.synthetic_size=512",
+        "--train.epochs=2", "--run.progress=false", "--run.log_every=1",
+        "--train.device=cuda", "--train.deterministic=true", "--run.overwrite=true"]
+METHODS = {
+    "dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
+    "infopro+mlaan": ["--method.name=infopro", "--method.mlm=true", "--method.lam=true"],
+}
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def train(tmp: Path, name: str, ranks: int, extra: list[str], timeout: int = 300) -> dict:
+    args = [*BASE, f"--run.dir={tmp}", f"--run.name={name}", *extra]
+    cmd = ([sys.executable, "-m", "pipemlaan.train", *args] if ranks == 1 else
+           [TORCHRUN, "--standalone", f"--nproc_per_node={ranks}", "-m", "pipemlaan.train",
+            *args])
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{name}: {proc.stderr[-3000:]}"
+    run = tmp / name
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {"summary": json.loads((run / "summary.json").read_text()), "records": records,
+            "stdout": proc.stdout}
+
+
+def losses(res: dict) -> dict[tuple[int, int], float]:
+    out = {}
+    for r in res["records"]:
+        if r.get("kind") == "train":
+            for k, v in r["losses"].items():
+                out[(r["step"], int(k))] = v
+    return out
+
+
+def assert_equal_runs(ref: dict, got: dict) -> None:
+    a, b = losses(ref), losses(got)
+    assert set(a) == set(b)
+    for key in a:
+        assert b[key] == pytest.approx(a[key], rel=RTOL, abs=ATOL), key
+    sa, sb = ref["summary"], got["summary"]
+    assert sb["param_checksum"] == pytest.approx(sa["param_checksum"], rel=RTOL, abs=1e-4)
+    assert sb["per_module_test_error"] == pytest.approx(sa["per_module_test_error"], abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory):
+    return tmp_path_factory.mktemp("gpu")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_lockstep_ranks_on_one_gpu_equal_the_single_process(tmp, method, ranks):
+    flags = [*METHODS[method], "--pipeline.mode=lockstep"]
+    ref = train(tmp, f"single-{method}", 1, flags)
+    got = train(tmp, f"lock{ranks}-{method}", ranks, flags)
+    assert "share 1 GPU" in got["stdout"] or torch.cuda.device_count() >= ranks
+    assert got["summary"]["world_size"] == ranks
+    assert_equal_runs(ref, got)
+
+
+def test_bp_replicas_on_one_gpu_equal_the_single_process(tmp):
+    flags = ["--method.name=bp", "--method.mlm=false", "--method.lam=false",
+             "--pipeline.mode=lockstep", "--train.lr=0.02"]
+    ref = train(tmp, "single-bp", 1, flags)
+    got = train(tmp, "bp-2rep", 2, [*flags, "--pipeline.replicas=2", "--pipeline.sync_bn=true"])
+    assert_equal_runs(ref, got)
+
+
+def test_async_four_ranks_and_replicas_train_on_one_gpu(tmp):
+    res = train(tmp, "async4", 4, [*METHODS["dgl+mlaan"], "--pipeline.mode=async",
+                                   "--pipeline.microbatches=2"])
+    assert res["summary"]["test_top1_error"] < 80.0
+    rep = train(tmp, "rep2x2", 4, [*METHODS["dgl+mlaan"], "--pipeline.replicas=2"])
+    sums = rep["summary"]["param_checksum_per_rank"]
+    assert sums[0] == sums[2] and sums[1] == sums[3]        # replicas stay identical
+
+
+def test_bf16_and_channels_last_train(tmp):
+    res = train(tmp, "bf16", 2, [*METHODS["dgl+mlaan"], "--train.bf16=true",
+                                 "--train.channels_last=true", "--train.deterministic=false"])
+    first = [v for (s, k), v in losses(res).items() if s == 1]
+    last = [v for (s, k), v in losses(res).items() if s == max(s for s, _ in losses(res))]
+    assert sum(last) < sum(first)
+    assert res["summary"]["test_top1_error"] < 80.0
+
+
+def test_a_dead_rank_on_the_gpu_ends_the_job_naming_it(tmp):
+    args = [*BASE, f"--run.dir={tmp}", "--run.name=dead", *METHODS["dgl+mlaan"],
+            "--train.epochs=50", "--pipeline.timeout_s=30"]
+    proc = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m",
+                             "pipemlaan.train", *args], cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp / "dead" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.stat().st_size > 0):
+        time.sleep(0.5)
+    out = subprocess.run(["pgrep", "-f", "pipemlaan.train.*run.name=dead"],
+                         capture_output=True, text=True).stdout.split()
+    workers = sorted(int(p) for p in out if int(p) != proc.pid)
+    assert workers, "no worker process found"
+    os.kill(workers[-1], signal.SIGKILL)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert "rank" in err and ("died" in err or "stopped" in err or "failed" in err), err[-2000:]
