@@ -191,10 +191,12 @@ PAPER_TABLE3 = {("ResNet-32 (K=16)", "bp"): 3.37, ("ResNet-32 (K=16)", "dgl+mlaa
 
 
 def table3(ranks: int, batch: int, imagenet_batch: int, methods=METHODS, nets=TABLE3,
-           device: torch.device = torch.device("cpu"), cfg_overrides=()) -> list[dict]:
+           device: torch.device = torch.device("cpu"), cfg_overrides=(),
+           alone: bool | None = None, steps: int = 6) -> list[dict]:
     """Memory of one process and of each rank of an R-rank pipeline. On CPU the accounting of
-    `profile_memory`; on CUDA each rank's stage alone on the GPU (`stage_alone`: the
-    allocator's peak, and its median step time)."""
+    `profile_memory`; on CUDA (or with alone=True) each rank's stage alone on the device
+    (`stage_alone`: the allocator's peak on CUDA, and its median step time)."""
+    alone = device.type == "cuda" if alone is None else alone
     rows = []
     for label, model, K, kind in nets:
         for mlabel, name, mlm, lam in methods:
@@ -205,17 +207,18 @@ def table3(ranks: int, batch: int, imagenet_batch: int, methods=METHODS, nets=TA
             spec = _spec(kind)
             row = {"network": label, "method": mlabel, "batch": b,
                    "paper_gb": PAPER_TABLE3.get((label, mlabel))}
-            if device.type == "cuda":
+            if alone:
                 torch.manual_seed(0)
                 _, modules = build_local_modules(cfg, spec)
                 plan = window_plan(cfg, len(modules))
-                one = stage_alone(cfg, spec, modules, plan, [len(modules)], 0, b, device)
+                one = stage_alone(cfg, spec, modules, plan, [len(modules)], 0, b, device,
+                                  steps=steps, warmup=2)
                 row.update(single_process_bytes=one["peak_bytes"], single_step_s=one["step_s"])
                 if name != "bp" and ranks > 1:
                     parts = balanced_partition([1.0] * len(modules), ranks,
                                                max(1, plan.max_reach() - 1))
-                    per = [stage_alone(cfg, spec, modules, plan, parts, r, b, device)
-                           for r in range(ranks)]
+                    per = [stage_alone(cfg, spec, modules, plan, parts, r, b, device,
+                                       steps=steps, warmup=2) for r in range(ranks)]
                     row.update(partition=parts, per_rank_bytes=[p["peak_bytes"] for p in per],
                                per_rank_step_s=[p["step_s"] for p in per])
                 else:

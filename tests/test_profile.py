@@ -113,3 +113,17 @@ def test_gpu_projection_runs_on_cpu_and_projects_from_measured_stage_times(tmp_p
     eight = next(r for r in res["projected"] if r["gpus"] == 8)
     assert (eight["stages"], eight["replicas"]) == (2, 4)
     assert set(res["measured"]["single_process_images_per_s"]) == {"bp", "dgl+mlaan"}
+
+
+def test_table3_per_rank_stage_alone_path_with_the_papers_figures():
+    """The Table 3 path the GPU check takes on CUDA (each rank's stage alone), run on CPU with
+    a small network: one process and every rank measured, the paper's figure beside MLAAN."""
+    from pipemlaan.profile import METHODS, table3
+    nets = [("ResNet-32 (K=16)", "resnet8", 4, "cifar")]
+    rows = table3(2, 8, 8, methods=[m for m in METHODS if m[0] in ("bp", "dgl+mlaan")],
+                  nets=nets, alone=True, steps=1)
+    bp, mlaan = rows
+    assert bp["paper_gb"] == 3.37 and mlaan["paper_gb"] == 2.62
+    assert bp["per_rank_bytes"] is None and len(mlaan["per_rank_bytes"]) == 2
+    assert all(0 < b < mlaan["single_process_bytes"] for b in mlaan["per_rank_bytes"])
+    assert len(mlaan["per_rank_step_s"]) == 2 and mlaan["single_step_s"] > 0
