@@ -1,30 +1,39 @@
-"""End-to-end tests of the distributed pipeline: `python -m pipemlaan.train` alone and under
-`torchrun` (gloo on CPU, one pipeline stage per rank) on tiny synthetic runs.
+"""End-to-end tests of the distributed pipeline as real processes: `python -m pipemlaan.train`
+alone and under `torchrun` (gloo on CPU, one pipeline stage per rank) on tiny synthetic runs.
 
-- lockstep pipelines (2, 3 and 4 ranks) equal the single-process run: per-step losses of every
-  module, final parameters of every module, evaluation results; also with a cascade window of 3
-  and with a LAM sync interval > 1;
-- async pipelines (several microbatches in flight) train: losses fall, the test error is far
-  below chance, summary.json describes every rank;
-- per-rank metrics lines; checkpoint + resume on a different number of ranks;
+The equalities of the pipeline for every method, rank count, window, LAM interval, replica
+layout and resume are checked in one process, one thread per rank (test_inprocess.py: the same
+trainer, the same action lists, an in-memory transport). What stays here is what only separate
+processes show: the rendezvous, gloo's point-to-point and all-reduce, start-up errors across
+processes, exit codes; and that a torchrun launch trains exactly as the in-process run does.
+
+- a lockstep pipeline (dgl+mlaan, 2 ranks) equals the single process: per-step losses of every
+  module, every tensor of the final checkpoints, evaluation results;
+- an async pipeline (4 ranks, LAM across ranks) trains: losses fall, the test error is far below
+  chance, summary.json describes every rank; twins follow live blocks on other ranks (gloo's
+  irecv once never completed before a wait, which left every twin at its initial weights);
+- a torchrun launch and the in-process run of the same config give the same weights, bit for
+  bit (lockstep 2 ranks, async 4 ranks): the in-process checks stand for torchrun launches;
+- per-rank metrics lines (lockstep 2 ranks, async 4 ranks), with gloo's real waits;
+- data-parallel replicas over gloo (D=2 x S=2, lockstep, sync_bn) equal the single process at
+  the same global batch (the in-process single run), and the replicas really split the batch;
 - start-up failures are named errors, not hangs: a rank with a different config, a world larger
-  than model.K;
-- data-parallel replicas (pipeline.replicas=D, D x S ranks): in lockstep with sync_bn, D=2 x S=2
-  and D=2 x S=1 equal the single process at the same global batch (losses averaged over the
-  replicas, every parameter, every evaluation); a D x S checkpoint resumes in one process; async
-  replicas train and stay identical; a world that D does not divide is a named error.
+  than model.K, a world that pipeline.replicas does not divide;
+- every launch that should succeed exits 0 on every rank.
 
-Run: cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_pipeline.py -q --durations=10
+Run:
+  cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_pipeline.py -q --durations=10
 
-Every run is a subprocess with a timeout (a hang fails the test). The runs a module's selected
-tests need are started up front by a small pool (2 at a time on 2 cores; PIPEMLAAN_TEST_JOBS
-overrides) and cached, so each single-process reference runs once and serves every
-parametrization that compares against it.
+Every launch is a subprocess with a timeout (a hang fails the test). The launches a module's
+selected tests need are started up front by a small pool (2 at a time on 2 cores;
+PIPEMLAAN_TEST_JOBS overrides) and cached, so each runs once and serves every test that reads
+it. The in-process runs these launches are compared with come from the session's cache
+(conftest.py `inprocess_runs`: the runs test_inprocess.py made, or made here when it did not
+run). The tiny configs and the checks are shared with test_inprocess.py (runs.py).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -37,61 +46,23 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-import torch
-
-from pipemlaan.config import load_config
-from pipemlaan.data import dataset_spec
-from pipemlaan.local.module import build_local_modules
 
 from launching import PYTHON, REPO, TORCHRUN, launch_env
+from runs import (ASYNC_LAM, K, LOCKSTEP, MLAAN, TRAIN_RUNS, RunOutputs,
+                  assert_params_identical, check_async_trains,
+                  check_evaluation_equals_single_process, check_lockstep_equals_single_process,
+                  check_per_rank_metrics, check_replicas_equal_single_process,
+                  check_replicas_split_the_batch, check_twins_follow_live_blocks, needed_runs,
+                  needs)
 
 RUN_TIMEOUT_S = 300          # any single launch; a hang fails the test instead of CI
 FAIL_TIMEOUT_S = 150         # launches that must fail fast
-RTOL, ATOL = 1e-5, 1e-6
 ABORT_MARK = "terminate called"   # libstdc++'s std::terminate message: a rank died of SIGABRT
-
-# ---- the tiny runs -------------------------------------------------------------------------
-K = 4
-BATCH = 16
-NUM_CLASSES = 10             # the synthetic dataset's classes
-CHANCE_ERROR = 100.0 * (1 - 1 / NUM_CLASSES)
-TINY = ["--data.name=synthetic", "--data.synthetic_image=[3,8,8]", "--model.name=resnet8",
-        f"--model.K={K}", f"--train.batch_size={BATCH}", "--run.progress=false",
-        "--run.log_every=1", "--train.device=cpu"]
-
-LOCK_SAMPLES, LOCK_EPOCHS = 128, 2
-LOCK_STEPS_PER_EPOCH = LOCK_SAMPLES // BATCH
-LOCK_STEPS = LOCK_EPOCHS * LOCK_STEPS_PER_EPOCH
-LOCKSTEP = TINY + [f"--data.synthetic_size={LOCK_SAMPLES}", f"--train.epochs={LOCK_EPOCHS}",
-                   "--pipeline.mode=lockstep"]
-
-ASYNC_SAMPLES, ASYNC_EPOCHS = 256, 2
-ASYNC_STEPS = ASYNC_EPOCHS * (ASYNC_SAMPLES // BATCH)
-ASYNC = TINY + [f"--data.synthetic_size={ASYNC_SAMPLES}", f"--train.epochs={ASYNC_EPOCHS}",
-                "--pipeline.mode=async"]
-
-METHODS = {
-    "dgl": ["--method.name=dgl", "--method.mlm=false", "--method.lam=false"],
-    "dgl+mlm": ["--method.name=dgl", "--method.mlm=true", "--method.lam=false"],
-    "dgl+lam": ["--method.name=dgl", "--method.mlm=false", "--method.lam=true"],
-    "dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
-    "infopro+mlaan": ["--method.name=infopro", "--method.mlm=true", "--method.lam=true"],
-}
-MLAAN = METHODS["dgl+mlaan"]
-BP = ["--method.name=bp", "--method.mlm=false", "--method.lam=false"]
-
-WINDOW3_K = 6
-WINDOW3 = [a for a in LOCKSTEP if not a.startswith(("--model.K=", "--model.name="))] + \
-    ["--model.name=resnet14", f"--model.K={WINDOW3_K}", *MLAAN, "--method.window=3"]
-WINDOW3_PARTITION = [2, 2, 2]
-
-SYNC_EVERY = 3
-ASYNC_CASES = [(2, 2), (2, 3), (4, 2), (4, 3)]
 
 
 # ---- launching -----------------------------------------------------------------------------
 @dataclass
-class Result:
+class Result(RunOutputs):
     key: str
     cmd: list[str]
     returncode: int | None       # None: killed by the timeout
@@ -126,57 +97,6 @@ class Result:
             p.check()
         assert self.returncode == 0 or self.aborted_at_exit(), self.describe()
         return self
-
-    # -- outputs of the run --
-    def metrics(self) -> list[dict]:
-        path = self.run_dir / "metrics.jsonl"
-        assert path.is_file(), f"{self.key}: no metrics.jsonl\n{self.describe()}"
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def train_lines(self) -> list[dict]:
-        return [r for r in self.metrics() if r.get("kind") == "train"]
-
-    def losses(self) -> dict[tuple[int, int], float]:
-        """(step, module) -> loss, from every rank's train lines; each pair logged once."""
-        out: dict[tuple[int, int], float] = {}
-        for r in self.train_lines():
-            for k, v in r["losses"].items():
-                key = (int(r["step"]), int(k))
-                assert key not in out, f"{self.key}: step {key[0]} module {key[1]} logged twice"
-                out[key] = float(v)
-        return out
-
-    def replica_mean_losses(self, replicas: int) -> dict[tuple[int, int], float]:
-        """(step, module) -> the mean over replicas of each replica's loss on its slice: the
-        loss of the whole global batch when the slices are equal."""
-        per: dict[tuple[int, int], dict[int, float]] = {}
-        for r in self.train_lines():
-            for k, v in r["losses"].items():
-                key = (int(r["step"]), int(k))
-                got = per.setdefault(key, {})
-                assert r["replica"] not in got, f"{self.key}: {key} logged twice by a replica"
-                got[r["replica"]] = float(v)
-        assert all(len(v) == replicas for v in per.values()), f"{self.key}: replicas missing"
-        return {key: sum(v.values()) / replicas for key, v in per.items()}
-
-    def summary(self) -> dict:
-        path = self.run_dir / "summary.json"
-        assert path.is_file(), f"{self.key}: no summary.json\n{self.describe()}"
-        return json.loads(path.read_text())
-
-    def final_checkpoint(self) -> Path:
-        done = sorted(p for p in (self.run_dir / "checkpoints").glob("step_*")
-                      if (p / "meta.json").is_file())
-        assert done, f"{self.key}: no complete checkpoint in {self.run_dir}"
-        return done[-1]
-
-    def module_states(self, num_modules: int) -> dict[int, dict[str, torch.Tensor]]:
-        d = self.final_checkpoint()
-        out = {}
-        for k in range(num_modules):
-            state = torch.load(d / f"module_{k:03d}.pt", map_location="cpu", weights_only=True)
-            out[k] = state["module"]
-        return out
 
 
 def launch(key: str, ranks: int, args: list[str], run_root: Path, *, timeout: float,
@@ -217,25 +137,6 @@ def _train_job(ranks: int, args: list[str], key: str, root: Path,
     return launch(key, ranks, args, root / key, timeout=timeout)
 
 
-def _resume_job(key: str, root: Path) -> Result:
-    """2 ranks stop after one epoch (train.max_steps); 4 ranks resume the same run dir."""
-    first = launch(f"{key}/2-ranks", 2, [*LOCKSTEP, *MLAAN, f"--train.max_steps="
-                                         f"{LOCK_STEPS_PER_EPOCH}"], root / key,
-                   timeout=RUN_TIMEOUT_S)
-    first.notes["checkpoints"] = sorted(p.name for p in (first.run_dir / "checkpoints").glob(
-        "step_*") if (p / "meta.json").is_file())
-    first.notes["summary"] = ((first.run_dir / "summary.json").read_text()
-                              if (first.run_dir / "summary.json").is_file() else None)
-    first.notes["aborted_at_exit"] = first.aborted_at_exit()
-    if first.returncode != 0 and not first.notes["aborted_at_exit"]:
-        return Result(key, first.cmd, first.returncode, first.stdout, first.stderr,
-                      first.run_dir, first.seconds, [])
-    second = launch(f"{key}/4-ranks", 4, [*LOCKSTEP, *MLAAN, "--run.resume=true"], root / key,
-                    timeout=RUN_TIMEOUT_S)
-    second.phases = [first]
-    return second
-
-
 HANDSHAKE_WRAPPER = textwrap.dedent("""\
     # torchrun runs this on every rank: rank 1 alone gets one extra override.
     import os
@@ -258,73 +159,16 @@ def _handshake_job(key: str, root: Path) -> Result:
                   timeout=FAIL_TIMEOUT_S, script=script)
 
 
-JOBS = {}
-for _m, _margs in METHODS.items():
-    JOBS[f"ref-{_m}"] = partial(_train_job, 1, [*LOCKSTEP, *_margs])
-    for _n in (2, 4):
-        JOBS[f"lock-{_m}-{_n}"] = partial(_train_job, _n, [*LOCKSTEP, *_margs])
-JOBS["ref-window3"] = partial(_train_job, 1, WINDOW3)
-JOBS["lock-window3-3"] = partial(_train_job, 3, [
-    *WINDOW3, "--pipeline.partition=[" + ",".join(map(str, WINDOW3_PARTITION)) + "]"])
-JOBS["ref-sync3"] = partial(_train_job, 1, [*LOCKSTEP, *MLAAN,
-                                            f"--pipeline.lam_sync_every={SYNC_EVERY}"])
-JOBS["lock-sync3-2"] = partial(_train_job, 2, [*LOCKSTEP, *MLAAN,
-                                               f"--pipeline.lam_sync_every={SYNC_EVERY}"])
-for _n, _mb in ASYNC_CASES:
-    # a fixed partition, so runs with different microbatches have comparable ranks
-    JOBS[f"async-{_n}-mb{_mb}"] = partial(_train_job, _n, [
-        *ASYNC, *MLAAN, f"--pipeline.microbatches={_mb}",
-        "--pipeline.partition=[" + ",".join([str(K // _n)] * _n) + "]"])
-# LAM across ranks in async mode: a fast EMA, so a twin that follows its live block ends up
-# close to it; launched twice, since async runs must not depend on timing
-ASYNC_LAM = [*ASYNC, *MLAAN, "--method.ema_decay=0.9", "--pipeline.microbatches=2",
-             "--pipeline.partition=[1,1,1,1]"]
-JOBS["async-lam-4"] = partial(_train_job, 4, ASYNC_LAM)
-JOBS["async-lam-4-again"] = partial(_train_job, 4, ASYNC_LAM)
-JOBS["resume-2-then-4"] = _resume_job
-
-# Data-parallel replicas. At lr 0.1 these 16-image runs are chaotic enough that float rounding
-# (a sum over two half-batches instead of one batch) grows past 1e-5 within a few steps, even
-# between two single-process runs whose batch norm merely sums in another order; at lr 0.02
-# they are well-conditioned, and the comparison tests the replica logic, not the rounding.
-DP_LR = ["--train.lr=0.02"]
-DP_METHODS = ["dgl+mlaan", "infopro+mlaan"]
-DP_LAYOUTS = {"2x2": 4, "2x1": 2}     # D x S -> ranks
-for _m in DP_METHODS:
-    JOBS[f"ref-lr002-{_m}"] = partial(_train_job, 1, [*LOCKSTEP, *METHODS[_m], *DP_LR])
-    for _lay, _n in DP_LAYOUTS.items():
-        JOBS[f"dp-{_lay}-{_m}"] = partial(_train_job, _n, [
-            *LOCKSTEP, *METHODS[_m], *DP_LR, "--pipeline.replicas=2", "--pipeline.sync_bn=true"])
-# end-to-end BP cannot be cut into stages, but D replicas of it are plain data parallelism
-JOBS["ref-lr002-bp"] = partial(_train_job, 1, [*LOCKSTEP, *BP, *DP_LR])
-JOBS["dp-2x1-bp"] = partial(_train_job, 2, [*LOCKSTEP, *BP, *DP_LR, "--pipeline.replicas=2",
-                                            "--pipeline.sync_bn=true"])
-JOBS["dp-2x2-async"] = partial(_train_job, 4, [*ASYNC, *MLAAN, "--pipeline.replicas=2"])
-JOBS["dp-indivisible"] = partial(_train_job, 3, [*LOCKSTEP, *MLAAN, "--pipeline.replicas=2"],
-                                 timeout=FAIL_TIMEOUT_S)
-
-
-def _dp_resume_job(key: str, root: Path) -> Result:
-    """D=2 x S=2 stops after one epoch; one process resumes the same run dir."""
-    dp = [*LOCKSTEP, *MLAAN, *DP_LR]
-    first = launch(f"{key}/2x2", 4, [*dp, "--pipeline.replicas=2", "--pipeline.sync_bn=true",
-                                     f"--train.max_steps={LOCK_STEPS_PER_EPOCH}"], root / key,
-                   timeout=RUN_TIMEOUT_S)
-    first.notes["aborted_at_exit"] = first.aborted_at_exit()
-    if first.returncode != 0 and not first.notes["aborted_at_exit"]:
-        return first
-    second = launch(f"{key}/1", 1, [*dp, "--run.resume=true"], root / key,
-                    timeout=RUN_TIMEOUT_S)
-    second.phases = [first]
-    return second
-
-
-JOBS["dp-resume-2x2-then-1"] = _dp_resume_job
+# the torchrun launches that stay (runs.py TRAIN_RUNS has every config by key)
+LAUNCHED = ["ref-dgl+mlaan", "lock-dgl+mlaan-2", "async-lam-4", "dp-2x2-dgl+mlaan"]
+JOBS = {key: partial(_train_job, *TRAIN_RUNS[key]) for key in LAUNCHED}
 JOBS["handshake"] = _handshake_job
 WORLD_GT_K = (3, 2)          # ranks, model.K
 JOBS["world-gt-K"] = partial(_train_job, WORLD_GT_K[0], [*LOCKSTEP, *MLAAN,
                                                          f"--model.K={WORLD_GT_K[1]}"],
                              timeout=FAIL_TIMEOUT_S)
+JOBS["dp-indivisible"] = partial(_train_job, 3, [*LOCKSTEP, *MLAAN, "--pipeline.replicas=2"],
+                                 timeout=FAIL_TIMEOUT_S)
 
 
 class Runner:
@@ -347,14 +191,6 @@ class Runner:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def needs(fn):
-    """Declares the jobs a test needs, as a function of its parameters (used to prefetch)."""
-    def deco(test):
-        test.needs = fn
-        return test
-    return deco
-
-
 def _pool_size() -> int:
     if os.environ.get("PIPEMLAAN_TEST_JOBS"):
         return max(1, int(os.environ["PIPEMLAAN_TEST_JOBS"]))
@@ -364,59 +200,10 @@ def _pool_size() -> int:
 @pytest.fixture(scope="module")
 def runner(request, tmp_path_factory):
     r = Runner(tmp_path_factory.mktemp("pipeline-runs"), _pool_size())
-    # Start every run the selected tests of this module will need, in test order.
-    for item in request.session.items:
-        fn = getattr(item, "function", None)
-        if getattr(item, "module", None) is request.module and hasattr(fn, "needs"):
-            params = item.callspec.params if hasattr(item, "callspec") else {}
-            for key in fn.needs(**params):
-                r.submit(key)
+    for key in needed_runs(request):     # every run the selected tests need, in test order
+        r.submit(key)
     yield r
     r.close()
-
-
-# ---- comparisons ---------------------------------------------------------------------------
-def assert_losses_match(ref: Result, got: Result, steps: int, num_modules: int,
-                        replicas: int = 1) -> None:
-    a = ref.losses()
-    b = got.losses() if replicas == 1 else got.replica_mean_losses(replicas)
-    expected = {(s, k) for s in range(1, steps + 1) for k in range(num_modules)}
-    assert set(a) == expected, f"{ref.key}: logged {sorted(set(a) ^ expected)[:8]} ..."
-    assert set(b) == expected, f"{got.key}: missing/extra {sorted(set(b) ^ expected)[:8]}"
-    keys = sorted(expected)
-    ta = torch.tensor([a[x] for x in keys], dtype=torch.float64)
-    tb = torch.tensor([b[x] for x in keys], dtype=torch.float64)
-    if not torch.allclose(tb, ta, rtol=RTOL, atol=ATOL):
-        bad = [(x, a[x], b[x]) for x in keys
-               if not torch.allclose(torch.tensor(b[x]), torch.tensor(a[x]), rtol=RTOL,
-                                     atol=ATOL)]
-        raise AssertionError(f"{got.key} vs {ref.key}: {len(bad)} (step, module) losses differ; "
-                             f"first: {bad[:5]}")
-
-
-def assert_params_match(ref: Result, got: Result, num_modules: int) -> None:
-    assert ref.final_checkpoint().name == got.final_checkpoint().name, \
-        (ref.final_checkpoint(), got.final_checkpoint())
-    sa, sb = ref.module_states(num_modules), got.module_states(num_modules)
-    for k in range(num_modules):
-        assert set(sa[k]) == set(sb[k]), f"module {k}: state dict keys differ"
-        assert sa[k], f"module {k}: empty state dict"
-        for name, ta in sa[k].items():
-            tb = sb[k][name]
-            assert ta.shape == tb.shape, f"module {k} {name}: {ta.shape} vs {tb.shape}"
-            if ta.is_floating_point():
-                ok = torch.allclose(tb, ta, rtol=RTOL, atol=ATOL)
-                diff = (tb - ta).abs().max().item() if ta.numel() else 0.0
-            else:
-                ok, diff = torch.equal(tb, ta), None
-            assert ok, (f"{got.key} vs {ref.key}: module {k} tensor {name} differs "
-                        f"(max abs diff {diff})")
-
-
-def states_differ(a: Result, b: Result, num_modules: int) -> bool:
-    sa, sb = a.module_states(num_modules), b.module_states(num_modules)
-    return any(not torch.allclose(sb[k][n], t, rtol=RTOL, atol=ATOL)
-               for k in sa for n, t in sa[k].items() if t.is_floating_point())
 
 
 # a traceback frame inside the package: some rank crashed instead of printing one error line
@@ -441,96 +228,25 @@ def error_lines(res: Result) -> list[str]:
 
 
 # ---- lockstep equivalence ------------------------------------------------------------------
-@pytest.mark.parametrize("ranks", [2, 4])
-@pytest.mark.parametrize("method", list(METHODS))
-@needs(lambda method, ranks: [f"ref-{method}", f"lock-{method}-{ranks}"])
-def test_lockstep_equals_single_process(runner, method, ranks):
-    ref = runner.get(f"ref-{method}").check()
-    got = runner.get(f"lock-{method}-{ranks}").check()
-    summary = got.summary()
-    assert summary["world_size"] == ranks and summary["mode"] == "lockstep"
-    assert len(summary["partition"]) == ranks and sum(summary["partition"]) == K
-    assert summary["method"] == method
-    assert_losses_match(ref, got, LOCK_STEPS, K)
-    assert_params_match(ref, got, K)
+# every method, 2, 3 and 4 ranks, window 3, LAM sync interval: test_inprocess.py
+@needs(lambda: ["ref-dgl+mlaan", "lock-dgl+mlaan-2"])
+def test_lockstep_equals_single_process(runner):
+    ref = runner.get("ref-dgl+mlaan").check()
+    got = runner.get("lock-dgl+mlaan-2").check()
+    check_lockstep_equals_single_process(ref, got, 2, "dgl+mlaan")
 
 
-@needs(lambda: ["ref-window3", "lock-window3-3"])
-def test_lockstep_window3_three_ranks_equals_single_process(runner):
-    ref = runner.get("ref-window3").check()
-    got = runner.get("lock-window3-3").check()
-    summary = got.summary()
-    assert summary["partition"] == WINDOW3_PARTITION and summary["world_size"] == 3
-    assert summary["K"] == WINDOW3_K
-    assert_losses_match(ref, got, LOCK_STEPS, WINDOW3_K)
-    assert_params_match(ref, got, WINDOW3_K)
-
-
-@needs(lambda: ["ref-sync3", "lock-sync3-2", "ref-dgl+mlaan"])
-def test_lam_sync_interval_lockstep_equals_single_process(runner):
-    ref = runner.get("ref-sync3").check()
-    got = runner.get("lock-sync3-2").check()
-    assert_losses_match(ref, got, LOCK_STEPS, K)
-    assert_params_match(ref, got, K)
-    # the interval is really in effect: it changes the run compared with syncing every step
-    every_step = runner.get("ref-dgl+mlaan").check()
-    assert states_differ(ref, every_step, K), \
-        "pipeline.lam_sync_every=3 gave the same weights as lam_sync_every=1"
-
-
-# ---- evaluation through the pipeline -------------------------------------------------------
-@pytest.mark.parametrize("method", list(METHODS))
-@needs(lambda method: [f"ref-{method}", f"lock-{method}-2"])
-def test_lockstep_evaluation_equals_single_process(runner, method):
-    ref = runner.get(f"ref-{method}").check().summary()
-    got = runner.get(f"lock-{method}-2").check().summary()
-    assert len(got["per_module_test_error"]) == K
-    assert got["per_module_test_error"] == ref["per_module_test_error"]
-    assert got["test_top1_error"] == ref["test_top1_error"]
-    assert got["test_top5_error"] == ref["test_top5_error"]
-    assert got["test_top1_error"] == got["per_module_test_error"][-1]
-    assert torch.allclose(torch.tensor(got["param_checksum"], dtype=torch.float64),
-                          torch.tensor(ref["param_checksum"], dtype=torch.float64),
-                          rtol=RTOL, atol=ATOL)
-    assert got["final_train_loss_per_module"] == pytest.approx(
-        ref["final_train_loss_per_module"], rel=RTOL, abs=ATOL)
-    # every eval line (one per epoch) agrees too, not only the final summary
-    ev_ref = [r for r in runner.get(f"ref-{method}").metrics() if r["kind"] == "eval"]
-    ev_got = [r for r in runner.get(f"lock-{method}-2").metrics() if r["kind"] == "eval"]
-    assert [r["step"] for r in ev_got] == [r["step"] for r in ev_ref]
-    assert len(ev_ref) == LOCK_EPOCHS
-    for a, b in zip(ev_ref, ev_got):
-        assert b["per_module_test_error"] == a["per_module_test_error"]
-        assert b["test_top5_error"] == a["test_top5_error"]
+@needs(lambda: ["ref-dgl+mlaan", "lock-dgl+mlaan-2"])
+def test_lockstep_evaluation_equals_single_process(runner):
+    check_evaluation_equals_single_process(runner.get("ref-dgl+mlaan").check(),
+                                           runner.get("lock-dgl+mlaan-2").check())
 
 
 # ---- async mode ----------------------------------------------------------------------------
-@pytest.mark.parametrize("ranks,microbatches", ASYNC_CASES,
-                         ids=[f"{n}ranks-mb{mb}" for n, mb in ASYNC_CASES])
-@needs(lambda ranks, microbatches: [f"async-{ranks}-mb{microbatches}"])
-def test_async_pipeline_trains(runner, ranks, microbatches):
-    res = runner.get(f"async-{ranks}-mb{microbatches}").check()
-    s = res.summary()
-    assert s["world_size"] == ranks and s["mode"] == "async"
-    assert s["steps"] == ASYNC_STEPS and s["epochs"] == ASYNC_EPOCHS
-    assert len(s["partition"]) == ranks and sum(s["partition"]) == K
-    assert len(s["peak_memory_bytes"]) == ranks
-    assert all(b > 0 for b in s["peak_memory_bytes"])
-    assert len(s["per_module_test_error"]) == K
-    assert all(0.0 <= e <= 100.0 for e in s["per_module_test_error"])
-    assert s["test_top1_error"] == s["per_module_test_error"][-1]
-    # learned something: the network's error is far below chance (90% for 10 classes)
-    assert s["test_top1_error"] < CHANCE_ERROR - 30.0, s["per_module_test_error"]
-    assert all(v is not None for v in s["final_train_loss_per_module"])
-
-    losses = res.losses()
-    assert set(losses) == {(t, k) for t in range(1, ASYNC_STEPS + 1) for k in range(K)}
-    quarter = ASYNC_STEPS // 4
-    for k in range(K):
-        early = sum(losses[(t, k)] for t in range(1, quarter + 1)) / quarter
-        late = sum(losses[(t, k)] for t in range(ASYNC_STEPS - quarter + 1, ASYNC_STEPS + 1)) \
-            / quarter
-        assert late < early, f"module {k}: mean loss {early:.4f} early, {late:.4f} late"
+# 2 and 4 ranks with 2 and 3 microbatches, activations in flight, timing: test_inprocess.py
+@needs(lambda: ["async-lam-4"])
+def test_async_pipeline_trains(runner):
+    check_async_trains(runner.get("async-lam-4").check(), 4)
 
 
 @needs(lambda: ["async-lam-4"])
@@ -538,118 +254,32 @@ def test_async_twins_follow_live_blocks_on_other_ranks(runner):
     """Every twin's live block sits on a later rank here. In async mode the owners' snapshots
     must reach the twin (they once never did: gloo's irecv never reports completion before it
     is waited on, so polling for arrived snapshots left every twin at its initial weights)."""
-    res = runner.get("async-lam-4").check()
-    cfg = load_config(None, ASYNC_LAM)
-    _, mods = build_local_modules(cfg, dataset_spec(cfg.data))
-    states = res.module_states(K)
-    followed = 0
-    for m in mods:
-        if m.twin is None:
-            continue
-        owner = next(o for o in mods if o.block_range[0] <= m.twin_source <= o.block_range[1])
-        assert owner.index != m.index
-        live_prefix = f"body.{m.twin_source - owner.block_range[0]}."
-        live = {n[len(live_prefix):]: t for n, t in states[owner.index].items()
-                if n.startswith(live_prefix)}
-        twin = {n[len("h.twin."):]: t for n, t in states[m.index].items()
-                if n.startswith("h.twin.")}
-        init = m.twin.state_dict()
-        names = [n for n, t in init.items() if t.is_floating_point()]
-        assert names and set(names) <= set(live) and set(names) <= set(twin)
-        moved = sum(float((live[n] - init[n]).norm() ** 2) for n in names) ** 0.5
-        gap = sum(float((live[n] - twin[n]).norm() ** 2) for n in names) ** 0.5
-        assert moved > 0, f"module {owner.index}'s live block never trained"
-        assert gap < 0.6 * moved, (f"module {m.index}'s twin stayed far from the live block "
-                                   f"it follows ({gap:.4f} vs {moved:.4f} from the start)")
-        followed += 1
-    assert followed >= 2, "the config has fewer cross-rank twins than this test needs"
+    check_twins_follow_live_blocks(runner.get("async-lam-4").check(), ASYNC_LAM)
 
 
-@needs(lambda: ["async-lam-4", "async-lam-4-again"])
-def test_async_runs_do_not_depend_on_timing(runner):
-    """Async staleness is fixed by the schedule (micro-batches in flight, the LAM lag), not
-    by which message happens to arrive first: two launches give the same weights."""
-    a = runner.get("async-lam-4").check()
-    b = runner.get("async-lam-4-again").check()
-    sa, sb = a.module_states(K), b.module_states(K)
-    for k in range(K):
-        for name, t in sa[k].items():
-            assert torch.equal(t, sb[k][name]), f"module {k} {name} differs between launches"
-    assert a.summary()["per_module_test_error"] == b.summary()["per_module_test_error"]
-
-
-@pytest.mark.parametrize("ranks", sorted({n for n, _ in ASYNC_CASES}))
-@needs(lambda ranks: [f"async-{ranks}-mb{mb}" for n, mb in ASYNC_CASES if n == ranks])
-def test_async_more_microbatches_keep_more_batches_in_flight(runner, ranks):
-    """Every rank but the last holds the graphs of its unfinished batches until the next rank's
-    window gradients arrive: with more microbatches in flight, more of them are alive."""
-    mbs = sorted(mb for n, mb in ASYNC_CASES if n == ranks)
-    runs = [runner.get(f"async-{ranks}-mb{mb}").check().summary() for mb in mbs]
-    for s in runs:
-        assert s["partition"] == runs[0]["partition"] and len(s["activation_bytes"]) == ranks
-    for fewer, more in zip(runs, runs[1:]):
-        for r in range(ranks - 1):
-            assert more["activation_bytes"][r] > fewer["activation_bytes"][r], \
-                (r, [s["activation_bytes"] for s in runs])
-            assert more["peak_memory_bytes"][r] > fewer["peak_memory_bytes"][r]
+@pytest.mark.parametrize("key", ["lock-dgl+mlaan-2", "async-lam-4"])
+@needs(lambda key: [key])
+def test_torchrun_launch_equals_in_process_run(runner, inprocess_runs, key):
+    """The same config with a process per rank (gloo) and with a thread per rank (in-memory
+    transport, the run test_inprocess.py made of it) gives the same weights bit for bit, the
+    same losses and the same evaluation: what test_inprocess.py checks in one process holds for
+    torchrun launches. For the async run it is also a check that async training does not
+    depend on timing (threads and processes deliver messages in very different orders)."""
+    launched = runner.get(key).check()
+    threaded = inprocess_runs.get(key)
+    assert_params_identical(launched, threaded, K)
+    assert launched.losses() == threaded.losses()
 
 
 # ---- per-rank metrics ----------------------------------------------------------------------
-METRIC_RUNS = {"lockstep-2ranks": "lock-dgl+mlaan-2", "lockstep-4ranks": "lock-dgl+mlaan-4",
-               "async-4ranks": "async-4-mb3", "async-2ranks": "async-2-mb2"}
+# also lockstep 4 ranks and async 2 ranks: test_inprocess.py
+METRIC_RUNS = {"lockstep-2ranks": "lock-dgl+mlaan-2", "async-4ranks": "async-lam-4"}
 
 
 @pytest.mark.parametrize("run", list(METRIC_RUNS))
 @needs(lambda run: [METRIC_RUNS[run]])
 def test_per_rank_metrics(runner, run):
-    res = runner.get(METRIC_RUNS[run]).check()
-    s = res.summary()
-    world, partition = s["world_size"], s["partition"]
-    steps = s["steps"]
-    lines = res.train_lines()
-    by_rank: dict[int, list[dict]] = {}
-    for r in lines:
-        by_rank.setdefault(r["rank"], []).append(r)
-    assert sorted(by_rank) == list(range(world))
-    start = 0
-    for rank in range(world):
-        mine = by_rank[rank]
-        owned = list(range(start, start + partition[rank]))
-        start += partition[rank]
-        assert sorted(r["step"] for r in mine) == list(range(1, steps + 1)), f"rank {rank}"
-        for r in mine:
-            assert r["modules"] == owned, f"rank {rank} step {r['step']}: {r['modules']}"
-            assert sorted(int(k) for k in r["losses"]) == owned
-            assert r["recv_wait_s"] >= 0 and r["send_wait_s"] >= 0
-            assert r["recv_wait_frac"] >= 0 and r["send_wait_frac"] >= 0
-            assert r["images_per_s"] > 0
-            assert r["compute_frac"] > 0
-            assert r["activation_bytes"] > 0 and r["peak_memory_bytes"] > 0
-        if rank > 0:
-            assert sum(r["recv_wait_s"] for r in mine) > 0, f"rank {rank} never waited"
-    assert start == K
-
-
-# ---- checkpoint and resume on another number of ranks --------------------------------------
-@needs(lambda: ["resume-2-then-4", "ref-dgl+mlaan"])
-def test_resume_with_more_ranks_equals_uninterrupted_run(runner):
-    res = runner.get("resume-2-then-4").check()
-    first = res.phases[0]
-    # the 2-rank launch stopped after one epoch and left that checkpoint as its newest
-    assert first.notes["checkpoints"][-1] == f"step_{LOCK_STEPS_PER_EPOCH:08d}", first.notes
-    assert first.notes["summary"] is not None
-    s1 = json.loads(first.notes["summary"])
-    assert s1["world_size"] == 2 and s1["steps"] == LOCK_STEPS_PER_EPOCH
-    ref = runner.get("ref-dgl+mlaan").check()
-    meta = json.loads((res.final_checkpoint() / "meta.json").read_text())
-    assert meta["step"] == LOCK_STEPS and meta["world_size"] == 4
-    s = res.summary()
-    assert s["world_size"] == 4 and s["steps"] == LOCK_STEPS and s["epochs"] == LOCK_EPOCHS
-    assert "resumed from" in res.stdout
-    # the train lines of both launches (steps 1-8 on 2 ranks, 9-16 on 4) equal the reference
-    assert_losses_match(ref, res, LOCK_STEPS, K)
-    assert_params_match(ref, res, K)
-    assert s["per_module_test_error"] == ref.summary()["per_module_test_error"]
+    check_per_rank_metrics(runner.get(METRIC_RUNS[run]).check())
 
 
 # ---- start-up failures: named errors, not hangs --------------------------------------------
@@ -673,76 +303,21 @@ def test_world_larger_than_K_is_a_config_error(runner):
 
 
 # ---- data-parallel replicas ----------------------------------------------------------------
-@pytest.mark.parametrize("layout", list(DP_LAYOUTS))
-@pytest.mark.parametrize("method", DP_METHODS)
-@needs(lambda method, layout: [f"ref-lr002-{method}", f"dp-{layout}-{method}"])
-def test_replicas_lockstep_equal_single_process_at_same_global_batch(runner, method, layout):
-    ref = runner.get(f"ref-lr002-{method}").check()
-    got = runner.get(f"dp-{layout}-{method}").check()
-    s, r = got.summary(), ref.summary()
-    stages = int(layout.split("x")[1])
-    assert (s["world_size"], s["replicas"], s["stages"]) == (DP_LAYOUTS[layout], 2, stages)
-    assert len(s["partition"]) == stages and sum(s["partition"]) == K
-    assert_losses_match(ref, got, LOCK_STEPS, K, replicas=2)
-    assert_params_match(ref, got, K)
-    assert s["per_module_test_error"] == r["per_module_test_error"]
-    assert s["test_top5_error"] == r["test_top5_error"]
-    assert s["final_train_loss_per_module"] == pytest.approx(r["final_train_loss_per_module"],
-                                                             rel=RTOL, abs=ATOL)
-    sums = s["param_checksum_per_rank"]
-    assert sums[:stages] == sums[stages:], "the replicas' weights drifted apart"
+# D=2 x S=1, infopro+mlaan, BP replicas, replica checkpoints, async replicas: test_inprocess.py
+@needs(lambda: ["dp-2x2-dgl+mlaan"])
+def test_replicas_lockstep_equal_single_process_at_same_global_batch(runner, inprocess_runs):
+    """Gloo's all-reduce within each stage's replica group (gradients, sync_bn statistics). The
+    single-process reference is the in-process one (a world of one rank, no transport), which
+    test_inprocess.py compares with the in-process replicas too."""
+    check_replicas_equal_single_process(inprocess_runs.get("ref-lr002-dgl+mlaan"),
+                                        runner.get("dp-2x2-dgl+mlaan").check(), "2x2")
 
 
-@needs(lambda: ["ref-lr002-bp", "dp-2x1-bp"])
-def test_bp_replicas_are_data_parallel_bp(runner):
-    ref = runner.get("ref-lr002-bp").check()
-    got = runner.get("dp-2x1-bp").check()
-    s = got.summary()
-    assert (s["world_size"], s["replicas"], s["stages"], s["K"]) == (2, 2, 1, 1)
-    assert_losses_match(ref, got, LOCK_STEPS, 1, replicas=2)
-    assert_params_match(ref, got, 1)
-    assert s["per_module_test_error"] == ref.summary()["per_module_test_error"]
-
-
-@needs(lambda: ["ref-lr002-dgl+mlaan", "dp-2x2-dgl+mlaan"])
+@needs(lambda: ["dp-2x2-dgl+mlaan"])
 def test_replicas_really_split_the_batch(runner):
     """Negative control for the equality above: each replica's own loss is over a different
     half of the batch, so the per-replica losses differ from each other and from the mean."""
-    got = runner.get("dp-2x2-dgl+mlaan").check()
-    lines = [r for r in got.train_lines() if r["step"] == 1 and r["stage"] == 0]
-    assert sorted(r["replica"] for r in lines) == [0, 1]
-    a, b = (float(r["losses"]["0"]) for r in sorted(lines, key=lambda r: r["replica"]))
-    assert abs(a - b) > 1e-4, (a, b)
-
-
-@needs(lambda: ["dp-resume-2x2-then-1", "ref-lr002-dgl+mlaan"])
-def test_replica_checkpoint_resumes_in_one_process(runner):
-    res = runner.get("dp-resume-2x2-then-1").check()
-    ref = runner.get("ref-lr002-dgl+mlaan").check()
-    first = res.run_dir / "checkpoints" / f"step_{LOCK_STEPS_PER_EPOCH:08d}" / "meta.json"
-    meta = json.loads(first.read_text())      # written by the 2 x 2 launch
-    assert meta["replicas"] == 2 and meta["world_size"] == 4
-    assert json.loads((res.final_checkpoint() / "meta.json").read_text())["world_size"] == 1
-    assert "resumed from" in res.stdout
-    assert_params_match(ref, res, K)
-    assert res.summary()["per_module_test_error"] == ref.summary()["per_module_test_error"]
-
-
-@needs(lambda: ["dp-2x2-async"])
-def test_async_replicas_train_and_stay_identical(runner):
-    res = runner.get("dp-2x2-async").check()
-    s = res.summary()
-    assert (s["world_size"], s["replicas"], s["stages"], s["mode"]) == (4, 2, 2, "async")
-    assert s["steps"] == ASYNC_STEPS and len(s["peak_memory_bytes"]) == 4
-    assert s["test_top1_error"] < CHANCE_ERROR - 30.0, s["per_module_test_error"]
-    sums = s["param_checksum_per_rank"]
-    assert sums[:2] == sums[2:], "the replicas' weights drifted apart"
-    losses = res.replica_mean_losses(2)
-    quarter = ASYNC_STEPS // 4
-    for k in range(K):
-        early = sum(losses[(t, k)] for t in range(1, quarter + 1))
-        late = sum(losses[(t, k)] for t in range(ASYNC_STEPS - quarter + 1, ASYNC_STEPS + 1))
-        assert late < early, (k, early, late)
+    check_replicas_split_the_batch(runner.get("dp-2x2-dgl+mlaan").check())
 
 
 @needs(lambda: ["dp-indivisible"])

@@ -1,0 +1,34 @@
+"""pytest set-up for tests/: puts this folder (and the repository root) on sys.path, and
+shares the in-process pipeline runs across test modules.
+
+The test modules import helpers that live next to them and are not test modules themselves:
+launching.py (interpreter, torchrun, launch environment), inprocess.py (a whole pipeline in one
+process, one thread per rank) and runs.py (the tiny runs and the checks the pipeline tests
+share); test_profile.py imports the repository's benchmarks/ package. With both folders on
+sys.path these imports work however pytest is started: `python -m pytest` or plain `pytest`,
+from the repository root, from tests/ or from any other folder, with any --import-mode.
+
+`inprocess_runs` (session fixture): tiny training runs by key (runs.py), each run once per
+session with a thread per rank in one process, whichever test module asks first
+(test_inprocess.py, test_pipeline.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+_TESTS = Path(__file__).resolve().parent
+for _folder in (str(_TESTS.parent), str(_TESTS)):      # tests/ ends up first
+    if _folder not in sys.path:
+        sys.path.insert(0, _folder)
+
+
+@pytest.fixture(scope="session")
+def inprocess_runs(tmp_path_factory):
+    from runs import InProcessRuns
+    runs = InProcessRuns(tmp_path_factory.mktemp("inprocess-runs"))
+    yield runs
+    runs.close_pool()

@@ -1,0 +1,233 @@
+"""The distributed pipeline's equalities, checked in one process: every rank a thread, messages
+handed over in memory (tests/inprocess.py, engine/comm.py LocalComm), the same trainer and the
+same action lists as a torchrun launch, without starting a Python process per rank.
+
+- lockstep pipelines of 2, 3 and 4 ranks equal the single-process run for every method
+  (dgl, dgl+mlm, dgl+lam, dgl+mlaan, infopro+mlaan): per-step losses of every module from
+  metrics.jsonl, every tensor of every module's final checkpoint, the evaluation (summary,
+  param_checksum, every epoch's eval line); also with a cascade window of 3 (K=6 on 3 ranks)
+  and with a LAM sync interval > 1 (which really changes the run);
+- async pipelines (2 and 4 ranks, 2 and 3 microbatches in flight) train: every module's loss
+  falls, the test error is far below chance, summary.json describes every rank; more
+  microbatches keep more batches alive; twins follow live blocks on other ranks; two runs give
+  the same weights bit for bit (async staleness is fixed by the schedule, not by timing);
+- per-rank metrics lines (lockstep and async, 2 and 4 ranks);
+- checkpoint + resume on another number of ranks (2 ranks, then 4) equals the uninterrupted run;
+- data-parallel replicas: in lockstep with sync_bn, D=2 x S=2 and D=2 x S=1 equal the single
+  process at the same global batch (losses averaged over the replicas, every parameter, every
+  evaluation), BP replicas are data-parallel BP, the replicas really split the batch, a D x S
+  checkpoint resumes in one process; async replicas train and stay identical.
+
+What only separate processes can show (torchrun and gloo, start-up failures across processes,
+exit codes) stays in test_pipeline.py, test_faults.py and test_multinode.py; test_pipeline.py
+also checks that a torchrun launch and an in-process run give the same weights.
+
+Run:
+  cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_inprocess.py -q --durations=10
+
+Every run is whole in one process (its ranks are threads there) and is cached by key for the
+session (runs.py TRAIN_RUNS, conftest.py `inprocess_runs`), so each single-process reference
+runs once and serves every test that compares against it (test_pipeline.py compares its torchrun
+launches with these runs too). While this module runs, the runs its selected tests need are
+started up front on a pool of 2 worker processes (one per core; PIPEMLAAN_TEST_JOBS overrides,
+and 1 runs them in pytest's own process). A run that hangs fails its test (inprocess.run_ranks'
+timeouts) instead of blocking the suite; each run's output is kept next to it (launch-N.log).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from runs import (ASYNC_CASES, ASYNC_LAM, ASYNC_STEPS, CHANCE_ERROR, DP_LAYOUTS, DP_METHODS, K,
+                  LOCK_EPOCHS, LOCK_RANKS, LOCK_STEPS, LOCK_STEPS_PER_EPOCH, METHODS,
+                  WINDOW3_K, WINDOW3_PARTITION, assert_losses_match,
+                  assert_params_identical, assert_params_match, check_async_trains,
+                  check_evaluation_equals_single_process, check_lockstep_equals_single_process,
+                  check_per_rank_metrics, check_replicas_equal_single_process,
+                  check_replicas_split_the_batch, check_twins_follow_live_blocks, inprocess_jobs,
+                  needed_runs, needs, states_differ)
+
+
+@pytest.fixture(scope="module")
+def runs(request, inprocess_runs):
+    """The session's in-process runs (conftest.py), with a pool of worker processes while this
+    module runs: every run its selected tests need is started up front, in test order."""
+    inprocess_runs.open_pool(inprocess_jobs())
+    for key in needed_runs(request):
+        inprocess_runs.submit(key)
+    yield inprocess_runs
+    inprocess_runs.close_pool()
+
+
+# ---- lockstep equivalence ------------------------------------------------------------------
+@pytest.mark.parametrize("ranks", LOCK_RANKS)
+@pytest.mark.parametrize("method", list(METHODS))
+@needs(lambda method, ranks: [f"ref-{method}", f"lock-{method}-{ranks}"])
+def test_lockstep_equals_single_process(runs, method, ranks):
+    ref, got = runs.get(f"ref-{method}"), runs.get(f"lock-{method}-{ranks}")
+    check_lockstep_equals_single_process(ref, got, ranks, method)
+    # train() hands rank 0's summary back; summary.json holds the same
+    assert got.summary_obj == got.summary()
+
+
+@needs(lambda: ["ref-window3", "lock-window3-3"])
+def test_lockstep_window3_three_ranks_equals_single_process(runs):
+    ref, got = runs.get("ref-window3"), runs.get("lock-window3-3")
+    summary = got.summary()
+    assert summary["partition"] == WINDOW3_PARTITION and summary["world_size"] == 3
+    assert summary["K"] == WINDOW3_K
+    assert_losses_match(ref, got, LOCK_STEPS, WINDOW3_K)
+    assert_params_match(ref, got, WINDOW3_K)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+@needs(lambda ranks: ["ref-sync3", f"lock-sync3-{ranks}", "ref-dgl+mlaan"])
+def test_lam_sync_interval_lockstep_equals_single_process(runs, ranks):
+    ref, got = runs.get("ref-sync3"), runs.get(f"lock-sync3-{ranks}")
+    assert got.summary()["world_size"] == ranks
+    assert_losses_match(ref, got, LOCK_STEPS, K)
+    assert_params_match(ref, got, K)
+    # the interval is really in effect: it changes the run compared with syncing every step
+    every_step = runs.get("ref-dgl+mlaan")
+    assert states_differ(ref, every_step, K), \
+        "pipeline.lam_sync_every=3 gave the same weights as lam_sync_every=1"
+
+
+# ---- evaluation through the pipeline -------------------------------------------------------
+@pytest.mark.parametrize("ranks", LOCK_RANKS)
+@pytest.mark.parametrize("method", list(METHODS))
+@needs(lambda method, ranks: [f"ref-{method}", f"lock-{method}-{ranks}"])
+def test_lockstep_evaluation_equals_single_process(runs, method, ranks):
+    check_evaluation_equals_single_process(runs.get(f"ref-{method}"),
+                                           runs.get(f"lock-{method}-{ranks}"))
+
+
+# ---- async mode ----------------------------------------------------------------------------
+@pytest.mark.parametrize("ranks,microbatches", ASYNC_CASES,
+                         ids=[f"{n}ranks-mb{mb}" for n, mb in ASYNC_CASES])
+@needs(lambda ranks, microbatches: [f"async-{ranks}-mb{microbatches}"])
+def test_async_pipeline_trains(runs, ranks, microbatches):
+    check_async_trains(runs.get(f"async-{ranks}-mb{microbatches}"), ranks)
+
+
+@needs(lambda: ["async-lam-4"])
+def test_async_twins_follow_live_blocks_on_other_ranks(runs):
+    """Every twin's live block sits on a later rank here. In async mode the owners' snapshots
+    must reach the twin."""
+    check_twins_follow_live_blocks(runs.get("async-lam-4"), ASYNC_LAM)
+
+
+@needs(lambda: ["async-lam-4", "async-lam-4-again"])
+def test_async_runs_do_not_depend_on_timing(runs):
+    """Async staleness is fixed by the schedule (micro-batches in flight, the LAM lag), not
+    by which message happens to arrive first: two runs give the same weights."""
+    assert_params_identical(runs.get("async-lam-4"), runs.get("async-lam-4-again"), K)
+
+
+@pytest.mark.parametrize("ranks", sorted({n for n, _ in ASYNC_CASES}))
+@needs(lambda ranks: [f"async-{ranks}-mb{mb}" for n, mb in ASYNC_CASES if n == ranks])
+def test_async_more_microbatches_keep_more_batches_in_flight(runs, ranks):
+    """Every rank but the last holds the graphs of its unfinished batches until the next rank's
+    window gradients arrive: with more microbatches in flight, more of them are alive."""
+    mbs = sorted(mb for n, mb in ASYNC_CASES if n == ranks)
+    summaries = [runs.get(f"async-{ranks}-mb{mb}").summary() for mb in mbs]
+    for s in summaries:
+        assert s["partition"] == summaries[0]["partition"] and len(s["activation_bytes"]) == ranks
+    for fewer, more in zip(summaries, summaries[1:]):
+        for r in range(ranks - 1):
+            assert more["activation_bytes"][r] > fewer["activation_bytes"][r], \
+                (r, [s["activation_bytes"] for s in summaries])
+            assert more["peak_memory_bytes"][r] > fewer["peak_memory_bytes"][r]
+
+
+# ---- per-rank metrics ----------------------------------------------------------------------
+METRIC_RUNS = {"lockstep-2ranks": "lock-dgl+mlaan-2", "lockstep-4ranks": "lock-dgl+mlaan-4",
+               "async-4ranks": "async-4-mb3", "async-2ranks": "async-2-mb2"}
+
+
+@pytest.mark.parametrize("run", list(METRIC_RUNS))
+@needs(lambda run: [METRIC_RUNS[run]])
+def test_per_rank_metrics(runs, run):
+    check_per_rank_metrics(runs.get(METRIC_RUNS[run]))
+
+
+# ---- checkpoint and resume on another number of ranks --------------------------------------
+@needs(lambda: ["resume-2-then-4", "ref-dgl+mlaan"])
+def test_resume_with_more_ranks_equals_uninterrupted_run(runs):
+    res = runs.get("resume-2-then-4")
+    first = res.phases[0]
+    # the 2-rank launch stopped after one epoch and left that checkpoint as its newest
+    assert first["checkpoints"][-1] == f"step_{LOCK_STEPS_PER_EPOCH:08d}", first
+    assert first["summary"] is not None
+    s1 = first["summary"]
+    assert s1["world_size"] == 2 and s1["steps"] == LOCK_STEPS_PER_EPOCH
+    ref = runs.get("ref-dgl+mlaan")
+    meta = json.loads((res.final_checkpoint() / "meta.json").read_text())
+    assert meta["step"] == LOCK_STEPS and meta["world_size"] == 4
+    s = res.summary()
+    assert s["world_size"] == 4 and s["steps"] == LOCK_STEPS and s["epochs"] == LOCK_EPOCHS
+    assert "resumed from" in res.stdout
+    # ranks 2 and 3 exist only in the second launch: they logged the second epoch alone
+    assert {r["step"] for r in res.train_lines() if r["rank"] in (2, 3)} == \
+        set(range(LOCK_STEPS_PER_EPOCH + 1, LOCK_STEPS + 1))
+    # the train lines of both launches (steps 1-8 on 2 ranks, 9-16 on 4) equal the reference
+    assert_losses_match(ref, res, LOCK_STEPS, K)
+    assert_params_match(ref, res, K)
+    assert s["per_module_test_error"] == ref.summary()["per_module_test_error"]
+
+
+# ---- data-parallel replicas ----------------------------------------------------------------
+@pytest.mark.parametrize("layout", list(DP_LAYOUTS))
+@pytest.mark.parametrize("method", DP_METHODS)
+@needs(lambda method, layout: [f"ref-lr002-{method}", f"dp-{layout}-{method}"])
+def test_replicas_lockstep_equal_single_process_at_same_global_batch(runs, method, layout):
+    check_replicas_equal_single_process(runs.get(f"ref-lr002-{method}"),
+                                        runs.get(f"dp-{layout}-{method}"), layout)
+
+
+@needs(lambda: ["ref-lr002-bp", "dp-2x1-bp"])
+def test_bp_replicas_are_data_parallel_bp(runs):
+    ref, got = runs.get("ref-lr002-bp"), runs.get("dp-2x1-bp")
+    s = got.summary()
+    assert (s["world_size"], s["replicas"], s["stages"], s["K"]) == (2, 2, 1, 1)
+    assert_losses_match(ref, got, LOCK_STEPS, 1, replicas=2)
+    assert_params_match(ref, got, 1)
+    assert s["per_module_test_error"] == ref.summary()["per_module_test_error"]
+
+
+@needs(lambda: ["dp-2x2-dgl+mlaan"])
+def test_replicas_really_split_the_batch(runs):
+    """Negative control for the equality above."""
+    check_replicas_split_the_batch(runs.get("dp-2x2-dgl+mlaan"))
+
+
+@needs(lambda: ["dp-resume-2x2-then-1", "ref-lr002-dgl+mlaan"])
+def test_replica_checkpoint_resumes_in_one_process(runs):
+    res = runs.get("dp-resume-2x2-then-1")
+    ref = runs.get("ref-lr002-dgl+mlaan")
+    first = res.run_dir / "checkpoints" / f"step_{LOCK_STEPS_PER_EPOCH:08d}" / "meta.json"
+    meta = json.loads(first.read_text())      # written by the 2 x 2 launch
+    assert meta["replicas"] == 2 and meta["world_size"] == 4
+    assert json.loads((res.final_checkpoint() / "meta.json").read_text())["world_size"] == 1
+    assert "resumed from" in res.stdout
+    assert_params_match(ref, res, K)
+    assert res.summary()["per_module_test_error"] == ref.summary()["per_module_test_error"]
+
+
+@needs(lambda: ["dp-2x2-async"])
+def test_async_replicas_train_and_stay_identical(runs):
+    res = runs.get("dp-2x2-async")
+    s = res.summary()
+    assert (s["world_size"], s["replicas"], s["stages"], s["mode"]) == (4, 2, 2, "async")
+    assert s["steps"] == ASYNC_STEPS and len(s["peak_memory_bytes"]) == 4
+    assert s["test_top1_error"] < CHANCE_ERROR - 30.0, s["per_module_test_error"]
+    sums = s["param_checksum_per_rank"]
+    assert sums[:2] == sums[2:], "the replicas' weights drifted apart"
+    losses = res.replica_mean_losses(2)
+    quarter = ASYNC_STEPS // 4
+    for k in range(K):
+        early = sum(losses[(t, k)] for t in range(1, quarter + 1))
+        late = sum(losses[(t, k)] for t in range(ASYNC_STEPS - quarter + 1, ASYNC_STEPS + 1))
+        assert late < early, (k, early, late)
