@@ -91,8 +91,11 @@ class TrainConfig:
     threads: int = _f(0, "torch CPU threads per rank (0 = leave torch's default)")
     nonfinite: str = _f("stop", "a NaN/Inf loss: stop (the run ends naming rank, module and "
                         "step) or skip (that module drops the batch's update and goes on)")
-    bf16: bool = _f(False, "bf16 autocast on CUDA")
-    channels_last: bool = _f(False, "channels-last memory format on CUDA")
+    bf16: bool = _f(True, "bf16 autocast on CUDA (CPU runs stay fp32)")
+    channels_last: bool = _f(True, "channels-last memory format of modules and activations on "
+                             "CUDA (CPU runs stay contiguous)")
+    cudnn_benchmark: bool = _f(False, "let cuDNN pick convolution algorithms by timing them "
+                               "(faster; runs are then not bit-equal across processes)")
     deterministic: bool = _f(False, "deterministic algorithms (torch and cuDNN): bit-equal runs "
                              "on CUDA across processes, at some speed")
 

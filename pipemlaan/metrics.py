@@ -19,9 +19,12 @@ import torch
 
 
 class SavedTensorTracker:
-    """Peak bytes of live tensors saved for backward, each storage counted once."""
+    """Peak bytes of live tensors saved for backward, each storage counted once. Disabled (peak
+    0, no hooks) on CUDA, where the allocator's peak is the figure and a Python hook on every
+    saved tensor would cost the GPU time."""
 
-    def __init__(self) -> None:
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
         self.live = 0
         self.peak = 0
         self._refs: dict[int, int] = {}   # storage pointer -> number of live saved tensors
@@ -53,6 +56,9 @@ class SavedTensorTracker:
 
     @contextmanager
     def track(self):
+        if not self.enabled:
+            yield
+            return
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
 

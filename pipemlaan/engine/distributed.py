@@ -56,6 +56,8 @@ def init_distributed(cfg: Config) -> DistEnv:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
     backend = None
     if world > 1:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))

@@ -59,24 +59,25 @@ class GradSync:
     def __init__(self, comm, group: str, replicas: int):
         self.comm, self.group, self.replicas = comm, group, replicas
 
-    def average(self, params: list[torch.Tensor], ok: bool) -> bool:
+    def average(self, params: list[torch.Tensor], ok: torch.Tensor) -> torch.Tensor:
         """Replaces each parameter's gradient by the replicas' mean (a missing gradient counts
-        as zero). Returns False, leaving gradients alone, if any replica's step is not ok."""
+        as zero), in one all-reduce that also carries the step's flag. Returns whether every
+        replica's step is ok, as a device tensor (never read on the host here: the optimizer
+        skips on it, engine/stage.py [Note: non-finite on the device])."""
         had = [p.grad is not None for p in params]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        like = grads[0] if grads else torch.empty(0)
-        flag = torch.zeros(1, dtype=like.dtype, device=like.device) + (0.0 if ok else 1.0)
+        like = grads[0] if grads else torch.empty(0, device=ok.device)
+        flag = (~ok).to(like.dtype).reshape(1)
         flat = flatten(grads + [flag])
         self.all_reduce(flat, "averaging gradients")
-        if flat[-1].item() > 0:
-            return False
+        all_ok = flat[-1] == 0
         flat.div_(self.replicas)
         for p, has, mean in zip(params, had, unflatten(flat, grads)):
             # every replica has the same parameters without a gradient (same structure):
             # they stay without one, so the optimizer skips them as in the single process
             if has:
                 p.grad.copy_(mean)
-        return True
+        return all_ok
 
     def all_reduce(self, flat: torch.Tensor, what: str) -> None:
         self.comm.all_reduce(flat, self.group, f"{what} with this stage's replicas")

@@ -449,7 +449,8 @@ def run_events(*, steps_per_epoch: int, total_steps: int, start: int, eval_every
     return events
 
 
-CHECKPOINT_COLLECTIVES = ("agree on checkpoint errors", "gather checksums", "barrier")
+CHECKPOINT_COLLECTIVES = ("agree on non-finite steps", "agree on checkpoint errors",
+                          "gather checksums", "barrier")
 
 
 def program(sched: RankSchedule, events: list[Event], eval_batches: int) -> list[Action]:
@@ -468,5 +469,6 @@ def program(sched: RankSchedule, events: list[Event], eval_batches: int) -> list
         elif ev.kind == "lam_finish":
             acts += sched.lam_finish(ev.a)
         elif ev.kind == "summary":
-            acts.append(Collective(WORLD, "gather summary"))
+            acts += [Collective(WORLD, "agree on non-finite steps"),
+                     Collective(WORLD, "gather summary")]
     return acts

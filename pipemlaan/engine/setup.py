@@ -124,7 +124,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
         if cfg.pipeline.sync_bn:
             for m in owned:
                 sync_batch_norm(m, grad_sync)
-    tracker = SavedTensorTracker()
+    tracker = SavedTensorTracker(enabled=env.device.type == "cpu")
     stage = Stage(cfg, owned, plan, env.device, stash=async_pipe, saved_tracker=tracker,
                   grad_sync=grad_sync)
     schedule = RankSchedule(pspec, env.rank)

@@ -60,6 +60,11 @@ class Stage:
                  device: torch.device, stash: bool = False, saved_tracker=None,
                  grad_sync=None):
         self.cfg = cfg
+        on_cuda = device.type == "cuda"
+        self._channels_last = on_cuda and cfg.train.channels_last
+        if self._channels_last:
+            for m in modules:      # once, weights and heads: every conv then runs NHWC
+                m.to(memory_format=torch.channels_last)
         self.grad_sync = grad_sync     # replicas.GradSync when the stage has replicas
         self.plan = plan
         self.device = device
@@ -81,13 +86,14 @@ class Stage:
                         if stash and any(j > self.last for j in plan.covering(k))}
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.losses: dict[int, torch.Tensor] = {}
-        self.skipped: dict[int, int] = {}        # non-finite batches dropped, per module
+        # [Note: non-finite on the device]
+        self._skips = {k: torch.zeros((), dtype=torch.long, device=device) for k in self.indices}
+        self._first_bad = {k: torch.full((), -1, dtype=torch.long, device=device)
+                           for k in self.indices}
         self.tracker = saved_tracker
         self._upstream: dict[int, torch.Tensor] = {}
-        on_cuda = device.type == "cuda"
         self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                           if on_cuda and cfg.train.bf16 else nullcontext())
-        self._channels_last = on_cuda and cfg.train.channels_last
 
     # ---- training -------------------------------------------------------------------------
     def forward_batch(self, step: int, lr: float, x: torch.Tensor, labels: torch.Tensor,
@@ -133,7 +139,7 @@ class Stage:
         # after the other, so only one head's graph is alive at a time (the gradients are the
         # same as for the summed objective: the heads share no tensor that needs grad).
         weights = self._head_weights(mod)
-        grads, total = [], 0.0
+        grads, total = [], None
         for head, w in ((mod.g, weights[0]), (mod.h, weights[1])):
             if head is None:
                 grads.append(None)
@@ -141,27 +147,15 @@ class Stage:
             z = out.detach().requires_grad_(True)
             with torch.profiler.record_function(f"module {k} heads"), self._autocast:
                 part = w * head(z, labels, images)[0]
-            if torch.isfinite(part.detach()).all():
-                part.backward()
-            total = total + part.detach()
+            part.backward()
+            total = part.detach() if total is None else total + part.detach()
             grads.append(z.grad)
         self.losses[k] = total
-        finite = bool(torch.isfinite(total).all())
-        if self._agree(self.head_params[k], finite):
-            self._step(k, lr)   # head parameters only: the body has no gradient yet
-            g_grad, h_grad = grads
-        elif self.cfg.train.nonfinite == "skip":
-            # the batch contributes nothing to this module: zero gradients keep the window
-            # bookkeeping (and the gradient stream to the previous rank) intact
-            self.skipped[k] = self.skipped.get(k, 0) + 1
-            self.optimizers[k].zero_grad(set_to_none=True)
-            g_grad, h_grad = (None if head is None else torch.zeros_like(out)
-                              for head in (mod.g, mod.h))
-        else:
-            what = f"loss is {total.item()}" if not finite else "loss is non-finite on another " \
-                "data-parallel replica"
-            raise NonFiniteLoss(f"module {k} {what} at step {step}; lower train.lr, or set "
-                                f"train.nonfinite=skip to drop such batches")
+        # head parameters only: the body has no gradient yet
+        ok = self._guarded_step(k, self.head_params[k], torch.isfinite(total), lr, step)
+        # a skipped batch contributes zero gradients: the window bookkeeping (and the stream
+        # to the previous rank) goes on, and nothing non-finite travels upstream
+        g_grad, h_grad = (None if g is None else g.masked_fill_(~ok, 0.0) for g in grads)
         pend.g_grad = g_grad
         if h_grad is not None:
             self._arrive(step, k, k, h_grad)
@@ -194,36 +188,52 @@ class Stage:
         for j in sorted(pend.windows):
             total = pend.windows[j] if total is None else total + pend.windows[j]
         params = self.body_params[k]
-        finite = bool(torch.isfinite(total).all())
-        if finite:
-            with torch.profiler.record_function(f"module {k} backward"):
-                torch.autograd.backward(pend.out, total, inputs=params)
-        if self._agree(params, finite):
-            self._step(k, pend.lr)
-        elif self.cfg.train.nonfinite == "skip":
-            self.skipped[k] = self.skipped.get(k, 0) + 1
-            self.optimizers[k].zero_grad(set_to_none=True)
-        else:
-            where = "" if not finite else " on another data-parallel replica"
-            raise NonFiniteLoss(f"module {k} got a non-finite gradient{where} at step {step}; "
-                                f"lower train.lr, or set train.nonfinite=skip to drop such "
-                                f"batches")
+        with torch.profiler.record_function(f"module {k} backward"):
+            torch.autograd.backward(pend.out, total, inputs=params)
+        self._guarded_step(k, params, torch.isfinite(total).all(), pend.lr, step)
         del self.pending[(step, k)]
 
-    def _agree(self, params: list[torch.Tensor], finite: bool) -> bool:
-        """Whether the step may go ahead; with replicas, also averages its gradients (every
-        replica takes or skips the step together, so their weights stay identical)."""
-        if self.grad_sync is None:
-            return finite
-        with torch.profiler.record_function("replica gradient all-reduce"):
-            return self.grad_sync.average(params, finite)
-
-    def _step(self, k: int, lr: float) -> None:
+    # [Note: non-finite on the device] Whether a loss or gradient is finite is never read on
+    # the host during a step (that would wait for the GPU): the flag stays a tensor, the fused
+    # optimizer skips the update through its `found_inf` argument (the parameters and their
+    # momentum stay as they were), and the module's first bad step and its count of skipped
+    # updates accumulate on the device. The trainer reads them once per logging window
+    # (`first_nonfinite`): in stop mode the run then ends naming module and step, at most a
+    # window late and with no non-finite weight written anywhere.
+    def _guarded_step(self, k: int, params: list[torch.Tensor], finite: torch.Tensor,
+                      lr: float, step: int) -> torch.Tensor:
+        """One optimizer step of module k over `params`, skipped on the device if the loss,
+        a gradient, or (with replicas) any replica's is not finite. Returns that flag."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads, float("inf"))
+            finite = finite & torch.stack(norms).isfinite().all()
+        if self.grad_sync is not None:
+            with torch.profiler.record_function("replica gradient all-reduce"):
+                finite = self.grad_sync.average(params, finite)
         opt = self.optimizers[k]
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
+        opt.found_inf = (~finite).to(torch.float32)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        bad = ~finite
+        self._skips[k] = self._skips[k] + bad
+        self._first_bad[k] = self._first_bad[k].masked_fill(bad & (self._first_bad[k] < 0), step)
+        return finite
+
+    @property
+    def skipped(self) -> dict[int, int]:
+        """Updates skipped per module (reads the device)."""
+        counts = torch.stack([self._skips[k] for k in self.indices]).tolist()
+        return {k: int(n) for k, n in zip(self.indices, counts) if n}
+
+    def first_nonfinite(self) -> tuple[int, int] | None:
+        """(module, step) of the first update skipped because something was not finite, or
+        None. One read of the device."""
+        steps = torch.stack([self._first_bad[k] for k in self.indices]).tolist()
+        bad = [(s, k) for k, s in zip(self.indices, steps) if s >= 0]
+        return (min(bad)[1], min(bad)[0]) if bad else None
 
     # ---- evaluation ------------------------------------------------------------------------
     @torch.no_grad()

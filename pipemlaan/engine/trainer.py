@@ -77,6 +77,7 @@ class Trainer:
                     self._run(s.schedule.lam_finish(ev.a))
         finally:
             view.stop()
+        self._check_finite(every_rank=True)
         out = summary(s, result, train_time, images, time.perf_counter() - t_start,
                       self.step, self.epoch)
         if out is not None:
@@ -103,6 +104,7 @@ class Trainer:
             self.step = t + 1
             window_images += cfg.train.batch_size
             if self.step % cfg.run.log_every == 0 or self.step == s.total_steps:
+                self._check_finite()
                 elapsed = time.perf_counter() - window_t0
                 record = train_record(s, s.clock, self.step, t // s.steps_per_epoch, self._lr,
                                       window_images / elapsed, elapsed)
@@ -159,10 +161,7 @@ class Trainer:
         x, y, images = (*self._input(act), None)[:3]
         self._lr = lr_at(act.index, self.s.steps_per_epoch, self.cfg.train)
         with self.s.clock.measure("compute"):
-            try:
-                out, upstream = self.stage.forward_batch(act.index, self._lr, x, y, images)
-            except NonFiniteLoss as e:
-                raise NonFiniteLoss(f"rank {self.env.rank}: {e}") from None
+            out, upstream = self.stage.forward_batch(act.index, self._lr, x, y, images)
         for msg in act.produces:
             if msg.dst > self.env.rank:
                 self.s.transport.put_forward(msg, out, y, images)
@@ -234,7 +233,27 @@ class Trainer:
                           f"{result['test_top1_error']:.2f}%, top-5 "
                           f"{result['test_top5_error']:.2f}%")
 
+    def _check_finite(self, every_rank: bool = False) -> None:
+        """train.nonfinite=stop: ends the run if a module skipped an update because something
+        was not finite (stage.py [Note: non-finite on the device]). Read once per logging
+        window on this rank; before a checkpoint and the summary (`every_rank`) all ranks
+        agree, and the rank that saw the earliest step names module and step."""
+        if self.cfg.train.nonfinite != "stop":
+            return
+        bad = self.stage.first_nonfinite()
+        if every_rank:
+            found = [(b[1], r, b[0]) for r, b in enumerate(gather_all(self.env, bad)) if b]
+            if found and min(found)[1] != self.env.rank:
+                raise NonFiniteLoss(f"rank {self.env.rank}: stopping, rank {min(found)[1]} "
+                                    f"found a non-finite loss or gradient (see its line)")
+        if bad is not None:
+            raise NonFiniteLoss(f"rank {self.env.rank}: module {bad[0]} had a non-finite loss "
+                                f"or gradient at step {bad[1]} (its update was skipped); "
+                                f"lower train.lr, or set train.nonfinite=skip to drop such "
+                                f"batches")
+
     def save_checkpoint(self) -> None:
+        self._check_finite(every_rank=True)
         spe = self.s.steps_per_epoch
         ckpt.save(self.s, self.step, self.step // spe, self.step % spe)
 

@@ -97,9 +97,20 @@ class LocalModule(nn.Module):
 
 
 def make_optimizer(module: LocalModule, cfg: Config) -> torch.optim.SGD:
+    """SGD as one fused kernel per step, which can skip a step on the device (`found_inf`,
+    engine/stage.py [Note: non-finite on the device]). Momentum buffers start at zero: the
+    first step then gives the same buffer as torch's (a copy of the gradient), and a skipped
+    first step leaves no uninitialised buffer behind."""
     t = cfg.train
-    return torch.optim.SGD(module.param_groups(cfg), lr=t.lr, momentum=t.momentum,
-                           nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay)
+    opt = torch.optim.SGD(module.param_groups(cfg), lr=t.lr, momentum=t.momentum,
+                          nesterov=t.nesterov and t.momentum > 0, weight_decay=t.weight_decay,
+                          fused=True)
+    if t.momentum > 0:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p,
+                                                                   memory_format=torch.preserve_format)
+    return opt
 
 
 def _head_width(cfg: Config, channels: int) -> int:
@@ -164,6 +175,9 @@ def block_state(block: nn.Module) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def ema_update(twin: nn.Module, live: list[torch.Tensor], decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * live, for every tensor of `block_state`."""
-    for e, l in zip(block_state(twin), live):
-        e.mul_(decay).add_(l.to(e.dtype), alpha=1.0 - decay)
+    """ema = decay * ema + (1 - decay) * live, for every tensor of `block_state`, as two
+    multi-tensor launches (the same arithmetic, element for element, as one op per tensor)."""
+    ema = block_state(twin)
+    live = [x if x.dtype == e.dtype else x.to(e.dtype) for e, x in zip(ema, live)]
+    torch._foreach_mul_(ema, decay)
+    torch._foreach_add_(ema, live, alpha=1.0 - decay)
