@@ -664,6 +664,8 @@ def test_startup_error_under_torchrun_is_quick_and_named(tmp_path, case):
     for line in lines:
         assert key in line, proc.describe()
         assert "stalled" not in line and "died" not in line, proc.describe()
+    if case == "world-larger-than-K":     # the same one line from every rank, naming the world
+        assert len(set(lines)) == 1 and f"{ranks} ranks" in lines[0], proc.describe()
     assert worker_tracebacks(proc.stderr_text) == 0, proc.describe()
     # the first worker to fail exited with the configuration/data status
     root_cause = proc.stderr_text.split("Root Cause", 1)[-1]
