@@ -188,3 +188,28 @@ def summary(setup, result: dict, train_time: float, images: int, wall: float, st
         "param_checksum_per_rank": [p["param_sum"] for p in parts],
         "device": str(setup.env.device),
     }
+
+
+class StepTracer:
+    """run.profile_steps: a torch.profiler trace of steps [first, last] on this rank, written to
+    <run>/traces/rank<R>.json (Perfetto or chrome://tracing) with the stage's record_function
+    names. `at(t)` before each training step; `at(None)` when the run's steps are over."""
+
+    def __init__(self, steps: list[int], folder: Path, env):
+        self.steps, self.folder, self.env = steps, folder, env
+        self.profiler = self.finished = None
+
+    def at(self, t: int | None) -> None:
+        if self.steps and t == self.steps[0]:
+            acts = [torch.profiler.ProfilerActivity.CPU]
+            if self.env.device.type == "cuda":
+                acts.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=acts)
+            self.profiler.__enter__()
+        elif self.profiler is not None and (t is None or t > self.steps[1]):
+            self.profiler.__exit__(None, None, None)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self.profiler.export_chrome_trace(str(self.folder / f"rank{self.env.rank}.json"))
+            # kept alive to the process's end: freeing a finished profiler while gloo's
+            # threads run corrupted the heap (torch 2.14, CPU, 2 ranks: a segfault later on)
+            self.finished, self.profiler = self.profiler, None

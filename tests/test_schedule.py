@@ -2,8 +2,11 @@
 (engine/simulate.py), every rank's action list runs to its end, every message meets the
 receive that expects it, and nothing is used before it arrives, for every supported shape:
 lockstep and async with 1-3 batches in flight, 2-4 stages, every method, windows 2 and 3,
-replicas 1 and 2 (with and without sync_bn), LAM sync every 1 or 2 steps, evaluation, fill and
-drain, mid-epoch checkpoints, and a resumed run. The negative control: the order the trainer
+replicas 1 and 2, LAM sync every 1 or 2 steps, evaluation, fill and drain, mid-epoch
+checkpoints, and a resumed run. sync_bn adds all-reduces only inside a stage's compute segments,
+which the schedule already marks as collectives on the stage's replica group (every replica
+runs them in the same order, with no point-to-point operation between them), so the replica
+cases cover it. The negative control: the order the trainer
 used before the schedule became data deadlocks under NCCL (and only there).
 
 Run: cd /work/main && .venv/bin/python -m pytest tests/test_schedule.py -q

@@ -21,7 +21,7 @@ from pipemlaan.engine.lr_schedule import lr_at
 from pipemlaan.engine.schedule import Compute, Post, Wait, run_events
 from pipemlaan.engine.setup import build
 from pipemlaan.engine.stage import NonFiniteLoss
-from pipemlaan.metrics import MetricsWriter, summary, train_record
+from pipemlaan.metrics import MetricsWriter, StepTracer, summary, train_record
 from pipemlaan.ui import LiveView, NullView, console, results_table
 
 
@@ -42,7 +42,7 @@ class Trainer:
         self._inputs: dict = {}        # batches the first stage loaded, by step / eval index
         self._batches = None
         self._lr = 0.0
-        self._profiler = None
+        self._tracer = StepTracer(cfg.run.profile_steps, cfg.run_dir / "traces", env)
 
     @property
     def epoch(self) -> int:
@@ -73,7 +73,7 @@ class Trainer:
                 elif ev.kind == "checkpoint":
                     self.save_checkpoint()
                 elif ev.kind == "lam_finish":
-                    self._trace(None)
+                    self._tracer.at(None)
                     self._run(s.schedule.lam_finish(ev.a))
         finally:
             view.stop()
@@ -97,7 +97,7 @@ class Trainer:
         window_t0, window_images = time.perf_counter(), 0
         s.clock.reset()
         for t in range(a, b):
-            self._trace(t)
+            self._tracer.at(t)
             self._run(s.schedule.step(t, a, b))
             if t == b - 1:
                 self._run(s.schedule.drain(a, b))
@@ -115,25 +115,6 @@ class Trainer:
             elif self.env.rank == 0:
                 view.update(self.step, {})
         return (b - a) * cfg.train.batch_size
-
-    def _trace(self, t: int | None) -> None:
-        """torch.profiler over run.profile_steps (record_function names from the stage);
-        t=None: the run ended."""
-        ps = self.cfg.run.profile_steps
-        if ps and t == ps[0]:
-            acts = [torch.profiler.ProfilerActivity.CPU]
-            if self.env.device.type == "cuda":
-                acts.append(torch.profiler.ProfilerActivity.CUDA)
-            self._profiler = torch.profiler.profile(activities=acts)
-            self._profiler.__enter__()
-        elif self._profiler is not None and (t is None or t > ps[1]):
-            self._profiler.__exit__(None, None, None)
-            out = self.cfg.run_dir / "traces"
-            out.mkdir(parents=True, exist_ok=True)
-            self._profiler.export_chrome_trace(str(out / f"rank{self.env.rank}.json"))
-            # kept alive to the process's end: freeing a finished profiler while gloo's
-            # threads run corrupted the heap (torch 2.14, CPU, 2 ranks: a segfault later on)
-            self._finished_profiler, self._profiler = self._profiler, None
 
     # ---- executing actions -------------------------------------------------------------------
     def _run(self, actions) -> None:
