@@ -22,7 +22,7 @@ from pipemlaan.config import load_config
 from pipemlaan.data import dataset_spec
 from pipemlaan.engine.partition import balanced_partition
 from pipemlaan.engine.schedule import (FWD, GRAD, WORLD, Compute, Msg, Op, PipeSpec, Post,
-                                       RankSchedule, Wait, pipe_spec, run_events)
+                                       RankSchedule, Wait, pipe_spec, program, run_events)
 from pipemlaan.engine.simulate import simulate, simulate_run
 from pipemlaan.local.module import build_local_modules, window_plan
 
@@ -140,6 +140,69 @@ def test_wire_order_receives_next_batches_before_computing():
     grouped = posts[2].ops
     assert {(op.send, op.msg.kind, op.msg.index) for op in grouped} == {(True, GRAD, 0),
                                                                         (False, FWD, 2)}
+
+
+# ---- receive slots --------------------------------------------------------------------------
+def slot_reuse_violations(acts, rank: int, in_flight: int) -> list[str]:
+    """engine/p2p.py receives activations and evaluation batches into a ring of 2 x M slots, in
+    posting order. Before a receive is posted into a slot, whatever read the batch that last
+    used it must be done: this rank's send that forwards that batch (it reads the received
+    labels and images) waited for, and the batch's window backward run (its graph reads the
+    received activations). The simulator does not model buffers; this checks it here."""
+    forwarded = {(op.msg.kind, op.msg.index) for a in acts if isinstance(a, Post)
+                 for op in a.ops if op.send and op.msg.kind in (FWD, "eval")}
+    backward_all = {a.index for a in acts if isinstance(a, Compute) and a.name == "backward"}
+    ring, slots, bad, n = 2 * in_flight, {}, [], 0
+    sent_done, backward_done = set(), set()
+    for a in acts:
+        if isinstance(a, Wait) and a.op.send:
+            sent_done.add((a.op.msg.kind, a.op.msg.index))
+        elif isinstance(a, Compute) and a.name == "backward":
+            backward_done.add(a.index)
+        elif isinstance(a, Post):
+            for op in a.ops:
+                if op.send or op.msg.kind not in (FWD, "eval"):
+                    continue
+                prev, slots[n % ring] = slots.get(n % ring), op.msg
+                n += 1
+                if prev is None:
+                    continue
+                key = (prev.kind, prev.index)
+                if key in forwarded and key not in sent_done:
+                    bad.append(f"rank {rank}: receiving {op.msg} into the slot of {prev} "
+                               f"before its forwarded send was waited for")
+                if prev.kind == FWD and prev.index in backward_all and \
+                        prev.index not in backward_done:
+                    bad.append(f"rank {rank}: receiving {op.msg} into the slot of {prev} "
+                               f"before that batch's window backward")
+            if len(bad) > 3:
+                break
+    return bad
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "async-2", "async-3"])
+def test_no_receive_reuses_a_slot_still_being_read(mode):
+    lockstep = mode == "lockstep"
+    M = 1 if lockstep else int(mode.split("-")[1])
+    spec = spec_for("infopro+mlaan", 2, 4, 1, lockstep, M)
+    for r in range(spec.world):
+        sched = RankSchedule(spec, r)
+        acts = program(sched, events(), eval_batches=4)
+        assert not slot_reuse_violations(acts, r, M), slot_reuse_violations(acts, r, M)
+
+
+def test_slot_check_catches_sends_reaped_after_the_next_receive():
+    """Negative control: the order this project ran before the check (batch t-M's sends
+    waited at the end of step t, after step t had posted the receive into their slot)."""
+    spec = spec_for("dgl+mlaan", 2, 3, 1, False, 2)
+    sched = RankSchedule(spec, 1)
+    acts = []
+    for t in range(TOTAL):
+        step = sched.step(t, 0, TOTAL)
+        reaps = [a for a in step[:3] if isinstance(a, Wait) and a.op.send]
+        acts += [a for a in step if a not in reaps] + reaps
+    bad = slot_reuse_violations(acts, 1, 2)
+    assert bad and "forwarded send" in bad[0], bad
 
 
 # ---- the negative control -------------------------------------------------------------------
