@@ -43,6 +43,7 @@ profile: setup
 
 # On a machine with one GPU (no .venv needed: runs from the tree with the machine's torch):
 # GPU tests, GPU throughput, memory per device, projections; < 8 min on one H100.
+# SMOKE=1 make gpu-check: the same steps on CPU, tiny sizes, to check the script (~30 s).
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

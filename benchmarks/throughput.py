@@ -30,7 +30,7 @@ from pathlib import Path
 from benchmarks import methods
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+RESULTS = Path(os.environ.get("PIPEMLAAN_RESULTS", ROOT / "benchmarks" / "results"))
 PY = sys.executable
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
