@@ -8,8 +8,12 @@ tensors available to `take`.
 Receive buffers for activations (and evaluation batches) are allocated once, as a ring of
 2 x (batches in flight) slots: a rank holds at most that many batches it has received and not
 finished (M unfinished, M received ahead), so a slot is never overwritten while a graph still
-reads it. Activations travel in the compute dtype (bf16 runs send bf16). Sent tensors stay
-referenced until their send is waited on.
+reads it; the schedule also waits for the send that forwards a batch's labels (and images)
+before posting the receive that reuses its slot (tests/test_schedule.py checks both).
+Activations travel in the compute dtype (bf16 runs send bf16). Sent tensors stay referenced
+until their send is waited on. On CUDA, ProcessGroupNCCL runs each communicator on a stream
+of its own and orders it against the compute stream with events; `wait` makes the compute
+stream, not the host, wait.
 
 Waits are timed on the host on CPU and with CUDA events on GPUs, where the host returns from
 an NCCL wait at once and the stall happens on the stream: `WaitClock` reads the events only
