@@ -11,6 +11,7 @@
 #    pipeline, measured on the GPU (python -m pipemlaan.profile --table3 --device cuda);
 # 4. per-stage step times on the GPU and the images/s they project for 2, 4 and 8 GPUs,
 #    beside BP's 1F1B (benchmarks/gpu_projection.py), in fp32 and bf16;
+#    and the GPU busy fraction over traced steps of a single-process run (benchmarks/gpu_busy.py);
 # 5. a 4-rank async pipeline on the one GPU (ranks share it through host memory).
 # Results land in benchmarks/results/*-<date>.* and, when $OUT is set, in $OUT too.
 # Runs from the source tree (PYTHONPATH=.), so the GPU machine needs torch, torchvision,
@@ -27,12 +28,14 @@ if [ "${SMOKE:-0}" = 1 ]; then
   TRAIN_NET=(--model.name=resnet8 --model.K=4 --train.batch_size=16 --data.synthetic_image=[3,8,8])
   STEPS=(--steps 4 --warmup 2 --log-every 2); TABLE=(--batch 8 --imagenet-batch 2)
   PROJ=(--model resnet8 --K 4 --batch 16 --image 3,16,16 --stages 2 --steps 2 --warmup 1)
+  BUSY_NET=(--model.name=resnet8 --model.K=4 --train.batch_size=16 --data.synthetic_image=[3,8,8])
 else
   DEV=cuda
   NET=(--model resnet110 --K 55 --batch 1024 --image 3,32,32)
   TRAIN_NET=(--model.name=resnet32 --model.K=16 --train.batch_size=256 --data.synthetic_image=[3,32,32])
   STEPS=(--steps 16 --warmup 6 --log-every 2); TABLE=(--batch 1024 --imagenet-batch 128)
   PROJ=()
+  BUSY_NET=(--model.name=resnet110 --model.K=55 --train.batch_size=1024 --data.synthetic_image=[3,32,32])
 fi
 mkdir -p "$RES"
 export PIPEMLAAN_RESULTS=$RES      # where benchmarks/throughput.py writes
@@ -70,6 +73,15 @@ run timeout 120 $PY -m benchmarks.gpu_projection --device $DEV "${PROJ[@]}" \
     --json "$RES/gpu-projection-fp32-$STAMP.json"
 run timeout 90 $PY -m benchmarks.gpu_projection --device $DEV "${PROJ[@]}" --bf16 \
     --json "$RES/gpu-projection-bf16-$STAMP.json"
+
+step "4b/5 GPU busy over traced steps of a single-process DGL+MLAAN run (defaults: bf16, NHWC)"
+run timeout 120 $PY -m pipemlaan.train --data.name=synthetic --data.synthetic_size=16384 \
+    "${BUSY_NET[@]}" --method.name=dgl --method.mlm=true --method.lam=true --train.epochs=1 \
+    --train.max_steps=14 --train.device=$DEV --run.progress=false --run.log_every=7 \
+    --run.profile_steps=[8,11] --run.overwrite=true --run.dir=/tmp/pipemlaan-gpu-check \
+    --run.name=busy
+run $PY -m benchmarks.gpu_busy /tmp/pipemlaan-gpu-check/busy/traces/rank0.json
+run cp /tmp/pipemlaan-gpu-check/busy/traces/rank0.json "$RES/trace-dgl-mlaan-$STAMP.json"
 
 step "5/5 a 4-rank async pipeline sharing the device"
 run timeout 120 torchrun --standalone --nproc_per_node=4 -m pipemlaan.train \

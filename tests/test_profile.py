@@ -127,3 +127,18 @@ def test_table3_per_rank_stage_alone_path_with_the_papers_figures():
     assert bp["per_rank_bytes"] is None and len(mlaan["per_rank_bytes"]) == 2
     assert all(0 < b < mlaan["single_process_bytes"] for b in mlaan["per_rank_bytes"])
     assert len(mlaan["per_rank_step_s"]) == 2 and mlaan["single_step_s"] > 0
+
+
+def test_gpu_busy_counts_overlapping_kernels_once_over_the_traced_wall_time():
+    """benchmarks/gpu_busy.py (the GPU check's "is the step GPU-bound?" figure) on a trace in
+    torch.profiler's format: kernels 0-40 and 30-50 us (two streams) and 80-90 us, CPU ops
+    spanning 0-100 us: busy 60 of 100 us."""
+    from benchmarks.gpu_busy import busy_fraction
+    trace = {"traceEvents": [
+        {"cat": "cpu_op", "name": "module 0 forward", "ts": 0, "dur": 100},
+        {"cat": "kernel", "name": "conv", "ts": 0, "dur": 40},
+        {"cat": "kernel", "name": "bn", "ts": 30, "dur": 20},
+        {"cat": "kernel", "name": "sgd", "ts": 80, "dur": 10},
+        {"ph": "M", "name": "process_name"}]}
+    res = busy_fraction(trace)
+    assert res["kernels"] == 3 and res["busy_us"] == 60 and res["busy_fraction"] == 0.6
