@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -37,9 +38,9 @@ from torch import nn
 from pipemlaan.config import load_config
 from pipemlaan.data import DatasetSpec
 from pipemlaan.engine.partition import balanced_partition, stage_bounds
-from pipemlaan.local.module import build_local_modules, window_plan
+from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
 from pipemlaan.models import build_backbone
-from pipemlaan.profile import _shape_out, stage_alone
+from pipemlaan.profile import stage_alone
 from pipemlaan.ui import console
 
 METHOD_FLAGS = {"dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
@@ -134,13 +135,14 @@ def project(args) -> dict:
     _, mods = build_local_modules(cfg, spec)
     plan = window_plan(cfg, len(mods))
     item = 2 if args.bf16 else 4
+    shapes = output_shapes(mods, (c, h, w))
     rows = []
     for S in args.stages:
         parts = balanced_partition([1.0] * len(mods), S, max(1, plan.max_reach() - 1))
         per = [stage_alone(cfg, spec, mods, plan, parts, r, args.batch, device,
                            steps=args.steps, warmup=args.warmup) for r in range(S)]
-        bounds = [args.batch * item * _numel(_shape_out(mods, stage_bounds(parts, r)[1] - 1,
-                                                          spec)) for r in range(S - 1)]
+        bounds = [args.batch * item * math.prod(shapes[stage_bounds(parts, r)[1] - 1])
+                  for r in range(S - 1)]
         link = args.link_gbps * 1e9
         # a boundary carries the activation forward and (MLM) one window gradient back
         comm = [2 * max(bounds[r - 1] if r > 0 else 0, bounds[r] if r < S - 1 else 0) / link
@@ -178,13 +180,6 @@ def project(args) -> dict:
                          "single_process_images_per_s": {m: args.batch / t
                                                          for m, t in single.items()}},
             "projected": rows}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ from pipemlaan.data import DatasetSpec
 from pipemlaan.engine.partition import balanced_partition, measure_costs, stage_bounds
 from pipemlaan.engine.stage import Stage
 from pipemlaan.errors import PipemlaanError
-from pipemlaan.local.module import build_local_modules, window_plan
+from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
 from pipemlaan.metrics import SavedTensorTracker, cuda_memory, state_bytes
 from pipemlaan.ui import console
 
@@ -73,15 +74,16 @@ def profile_memory(cfg: Config, spec: DatasetSpec, ranks: int, batch: int,
             if upstream:
                 stages[r - 1].receive_grads(step, upstream)
     out = []
+    numel = [math.prod(s) for s in output_shapes(modules, shape)]
     for r, st in enumerate(stages):
         mods = list(st.modules.values())
         static = state_bytes(mods, st.optimizers.values())
         item = x0.new_empty(0).element_size() * batch
-        act_in = item * _numel_out(modules, st.first - 1, spec) if r > 0 else 0
+        act_in = item * numel[st.first - 1] if r > 0 else 0
         grads_in = len(st.from_next) if r < len(stages) - 1 else 0
         # engine/p2p.py: a ring of 2 receive slots (lockstep) + one buffer for the window
         # gradients from the next rank, shaped like this stage's output
-        comm = act_in * 2 + grads_in * item * _numel_out(modules, st.last, spec)
+        comm = act_in * 2 + grads_in * item * numel[st.last]
         out.append({"rank": r, "modules": st.indices, "activation_bytes": st.tracker.peak,
                     "state_bytes": static, "comm_bytes": comm,
                     "total_bytes": st.tracker.peak + static + comm})
@@ -98,6 +100,8 @@ def stage_alone(cfg: Config, spec: DatasetSpec, modules, plan, partition: list[i
     tensors of the boundary's shape (time and memory depend on shapes, not values)."""
     lo, hi = stage_bounds(partition, rank)
     mods = modules[lo:hi]
+    image_shape = (spec.in_channels, *spec.image_size)
+    shapes = output_shapes(modules[:hi], image_shape)
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(device)
@@ -108,14 +112,13 @@ def stage_alone(cfg: Config, spec: DatasetSpec, modules, plan, partition: list[i
         m.to(device)
     tracker = None if cuda else SavedTensorTracker()
     stage = Stage(cfg, mods, plan, device, saved_tracker=tracker)
-    image_shape = (spec.in_channels, *spec.image_size)
-    in_shape = image_shape if lo == 0 else _shape_out(modules, lo - 1, spec)
+    in_shape = image_shape if lo == 0 else shapes[lo - 1]
     ring = [torch.randn(batch, *in_shape, device=device) for _ in range(1 if lo == 0 else 2)]
     y = torch.randint(0, spec.num_classes, (batch,), device=device)
     images = (torch.randn(batch, *image_shape, device=device) if cfg.method.name == "infopro"
               else None)
     grads_in = len(stage.from_next) if hi < len(modules) else 0
-    gbuf = (torch.randn(grads_in, batch, *_shape_out(modules, hi - 1, spec), device=device)
+    gbuf = (torch.randn(grads_in, batch, *shapes[hi - 1], device=device)
             .mul_(1e-3) if grads_in else None)
     times, pending = [], []
     for step in range(warmup + steps):
@@ -150,25 +153,8 @@ def stage_alone(cfg: Config, spec: DatasetSpec, modules, plan, partition: list[i
     return out
 
 
-def _shape_out(modules, k: int, spec: DatasetSpec) -> tuple[int, ...]:
-    x = torch.zeros(1, spec.in_channels, *spec.image_size)
-    with torch.no_grad():
-        for m in modules[: k + 1]:
-            was = m.training
-            m.eval()
-            x = m.body(x.to(next(m.body.parameters()).device)).cpu()
-            m.train(was)
-    return tuple(x.shape[1:])
-
-
-@torch.no_grad()
 def _numel_out(modules, k: int, spec: DatasetSpec) -> int:
-    x = torch.zeros(1, spec.in_channels, *spec.image_size)
-    for m in modules[: k + 1]:
-        m.eval()
-        x = m.body(x)
-        m.train()
-    return x.numel()
+    return math.prod(output_shapes(modules[:k + 1], (spec.in_channels, *spec.image_size))[k])
 
 
 def _spec(kind: str, name: str = "synthetic") -> DatasetSpec:

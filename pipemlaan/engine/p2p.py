@@ -147,9 +147,6 @@ class Transport:
         if not op.send:
             self._in[op.msg] = self._recv_buffers.pop(op.msg)
 
-    def pending(self) -> list[Op]:
-        return list(self._works)
-
     def _recv_into(self, msg: Msg) -> list[torch.Tensor]:
         if msg.kind in (FWD, EVAL):
             slot = self._slot

@@ -43,14 +43,6 @@ class Layout:
     def rank_of(self, replica: int, stage: int) -> int:
         return replica * self.stages + stage
 
-    @property
-    def prev(self) -> int | None:
-        return self.rank - 1 if self.stage > 0 else None
-
-    @property
-    def next(self) -> int | None:
-        return self.rank + 1 if self.stage < self.stages - 1 else None
-
 
 class GradSync:
     """Averages a step's gradients over the replicas of one stage, in one flat all-reduce on

@@ -27,7 +27,7 @@ from pipemlaan.engine.schedule import (RankSchedule, pipe_group, pipe_spec, proc
                                        stage_group)
 from pipemlaan.engine.stage import Stage
 from pipemlaan.errors import ConfigError, PipemlaanError
-from pipemlaan.local.module import build_local_modules, window_plan
+from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
 from pipemlaan.metrics import SavedTensorTracker
 from pipemlaan.ui import console
 
@@ -86,7 +86,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     D = cfg.pipeline.replicas
     layout = Layout(env.rank, D, env.world // D)
     image_shape = (spec.in_channels, *spec.image_size)
-    shapes = _module_output_shapes(all_modules, image_shape)
+    shapes = output_shapes(all_modules, image_shape)
     partition = _partition(cfg, env, layout.stages, all_modules, image_shape, spec.num_classes,
                            min_per_rank)
     lo, hi = stage_bounds(partition, layout.stage)
@@ -188,19 +188,6 @@ def _check_run_dir(cfg: Config) -> None:
     except OSError as e:
         raise ConfigError(f"cannot write to {d.parent} ({e.strerror}); choose a writable "
                           f"--run.dir") from None
-
-
-@torch.no_grad()
-def _module_output_shapes(modules, image_shape) -> list[tuple[int, ...]]:
-    x = torch.zeros(1, *image_shape)
-    shapes = []
-    for m in modules:
-        was = m.training
-        m.eval()
-        x = m.body(x)
-        m.train(was)
-        shapes.append(tuple(x.shape[1:]))
-    return shapes
 
 
 def _partition(cfg, env, stages, modules, image_shape, num_classes, min_per_rank) -> list[int]:

@@ -433,7 +433,6 @@ class _Sim:
         r = start
         entry, how, note = self.ranks[r].blocker, "host", ""
         while True:
-            st = self.ranks[r]
             if entry is None:                 # the rank's host is not blocked (cannot happen)
                 out.append((r, "is not blocked (a simulator bug)", None))
                 return out

@@ -77,7 +77,6 @@ class Trainer:
                     self._run(s.schedule.lam_finish(ev.a))
         finally:
             view.stop()
-        self._check_finite(every_rank=True)
         out = summary(s, result, train_time, images, time.perf_counter() - t_start,
                       self.step, self.epoch)
         if out is not None:
@@ -129,17 +128,18 @@ class Trainer:
             else:
                 self._eval_parts = gather_all(self.env, self._eval_counts)
 
-    def _input(self, act: Compute):
-        if act.consumes:
-            return self.s.transport.take(act.consumes[0])
-        return self._inputs.pop(act.index)
+    def _input(self, act: Compute, key) -> tuple:
+        """(x, labels, images): received from the previous rank, or what `load` put here."""
+        got = (self.s.transport.take(act.consumes[0]) if act.consumes
+               else self._inputs.pop(key))
+        return (*got, None)[:3]
 
     def _do_load(self, act: Compute) -> None:
         x, y = next(self._batches)
         self._inputs[act.index] = (x, y, x if self.cfg.method.name == "infopro" else None)
 
     def _do_forward(self, act: Compute) -> None:
-        x, y, images = (*self._input(act), None)[:3]
+        x, y, images = self._input(act, act.index)
         self._lr = lr_at(act.index, self.s.steps_per_epoch, self.cfg.train)
         with self.s.clock.measure("compute"):
             out, upstream = self.stage.forward_batch(act.index, self._lr, x, y, images)
@@ -195,8 +195,7 @@ class Trainer:
                                              else None)
 
     def _do_eval(self, act: Compute) -> None:
-        x, y, images = (*(self.s.transport.take(act.consumes[0]) if act.consumes
-                          else self._inputs.pop(("eval", act.index))), None)[:3]
+        x, y, images = self._input(act, ("eval", act.index))
         out, counts = self.stage.eval_batch(x, y, images)
         for k, (top1, top5) in counts.items():
             self._eval_counts[k][0] += top1
@@ -217,8 +216,9 @@ class Trainer:
     def _check_finite(self, every_rank: bool = False) -> None:
         """train.nonfinite=stop: ends the run if a module skipped an update because something
         was not finite (stage.py [Note: non-finite on the device]). Read once per logging
-        window on this rank; before a checkpoint and the summary (`every_rank`) all ranks
-        agree, and the rank that saw the earliest step names module and step."""
+        window on this rank; before every checkpoint (`every_rank`; a run's last step always
+        has one) all ranks agree, and the rank that saw the earliest step names module and
+        step."""
         if self.cfg.train.nonfinite != "stop":
             return
         bad = self.stage.first_nonfinite()

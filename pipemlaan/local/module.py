@@ -168,6 +168,20 @@ def _build(cfg: Config, spec: DatasetSpec) -> tuple[Backbone, list[LocalModule]]
     return backbone, modules
 
 
+@torch.no_grad()
+def output_shapes(modules: list[LocalModule], image_shape) -> list[tuple[int, ...]]:
+    """Each module's output shape (without the batch), from one eval-mode pass on a zero
+    image on the CPU (modules on another device are visited on theirs)."""
+    x, shapes = torch.zeros(1, *image_shape), []
+    for m in modules:
+        was = m.training
+        m.eval()
+        x = m.body(x.to(next(m.body.parameters()).device)).cpu()
+        m.train(was)
+        shapes.append(tuple(x.shape[1:]))
+    return shapes
+
+
 def block_state(block: nn.Module) -> list[torch.Tensor]:
     """The tensors an EMA twin follows: parameters, then floating-point buffers, in order."""
     return [p for p in block.parameters()] + [b for b in block.buffers() if b.is_floating_point()]
