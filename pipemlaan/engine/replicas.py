@@ -119,9 +119,10 @@ class _SyncBatchNormFn(torch.autograd.Function):
         return dx.to(ctx.dtype), dweight, dbias, None, None
 
 
-class ReplicaBatchNorm(nn.BatchNorm2d):
-    """BatchNorm2d whose training-mode statistics cover every replica's slice of the batch.
-    Same parameters and buffers as BatchNorm2d, so checkpoints and LAM snapshots are unchanged."""
+class _ReplicaStats:
+    """Batch norm whose training-mode statistics cover every replica's slice of the batch.
+    Same parameters and buffers as the torch class, so checkpoints and LAM snapshots are
+    unchanged."""
 
     sync: GradSync | None = None
 
@@ -139,15 +140,26 @@ class ReplicaBatchNorm(nn.BatchNorm2d):
         return y
 
 
+class ReplicaBatchNorm(_ReplicaStats, nn.BatchNorm2d):
+    pass
+
+
+class ReplicaBatchNorm1d(_ReplicaStats, nn.BatchNorm1d):
+    """(the reference DGL* head's fully connected layers)"""
+
+
+_REPLICA_CLASS = {nn.BatchNorm2d: ReplicaBatchNorm, nn.BatchNorm1d: ReplicaBatchNorm1d}
+
+
 def sync_batch_norm(module: nn.Module, sync: GradSync) -> int:
-    """Turns every BatchNorm2d under `module` into a ReplicaBatchNorm in place (sharing its
-    parameters and buffers). Returns how many were converted."""
+    """Turns every BatchNorm2d / BatchNorm1d under `module` into its replica version in place
+    (sharing its parameters and buffers). Returns how many were converted."""
     n = 0
     for bn in module.modules():
-        if type(bn) is nn.BatchNorm2d:
-            bn.__class__ = ReplicaBatchNorm
+        if type(bn) in _REPLICA_CLASS:
+            bn.__class__ = _REPLICA_CLASS[type(bn)]
             bn.sync = sync
             n += 1
-        elif isinstance(bn, ReplicaBatchNorm):
+        elif isinstance(bn, _ReplicaStats):
             bn.sync = sync
     return n
