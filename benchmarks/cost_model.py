@@ -31,7 +31,7 @@ import torch
 from benchmarks import methods
 from pipemlaan.config import Config
 from pipemlaan.data import DatasetSpec
-from pipemlaan.engine.partition import balanced_partition, measure_costs
+from pipemlaan.engine.partition import balanced_partition, measure_costs, window_spans
 from pipemlaan.local.module import build_local_modules, window_plan
 
 
@@ -163,14 +163,14 @@ def project(model: str, K: int, method: str, batch_per_replica: int,
             layouts: list[tuple[int, int]] = LAYOUTS) -> list[dict]:
     a = ASSUMPTIONS
     setup = flop_setup(model, K, method, batch_per_replica, (3, 32, 32), a["gpu_flops_per_s"])
-    plan_reach = window_plan(_cfg(model, K, method), K).max_reach()
+    spans = window_spans(window_plan(_cfg(model, K, method), K))
     base = predict(setup, [K], bandwidth=float("inf"))["images_per_s"]
     rows = []
     for gpus, stages in layouts:
         if stages > K:
             continue
         replicas = gpus // stages
-        part = balanced_partition(setup.costs, stages, max(1, plan_reach - 1))
+        part = balanced_partition(setup.costs, stages, spans)
         # stages inside a node talk over NVLink; replicas of one stage sit on different nodes
         # once there are more than one node's worth of GPUs
         dp_bw = a["nvlink_bytes_per_s"] if gpus <= a["gpus_per_node"] else \

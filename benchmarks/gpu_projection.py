@@ -37,7 +37,7 @@ from torch import nn
 
 from pipemlaan.config import load_config
 from pipemlaan.data import DatasetSpec
-from pipemlaan.engine.partition import balanced_partition, stage_bounds
+from pipemlaan.engine.partition import balanced_partition, stage_bounds, window_spans
 from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
 from pipemlaan.models import build_backbone
 from pipemlaan.profile import stage_alone
@@ -138,7 +138,7 @@ def project(args) -> dict:
     shapes = output_shapes(mods, (c, h, w))
     rows = []
     for S in args.stages:
-        parts = balanced_partition([1.0] * len(mods), S, max(1, plan.max_reach() - 1))
+        parts = balanced_partition([1.0] * len(mods), S, window_spans(plan))
         per = [stage_alone(cfg, spec, mods, plan, parts, r, args.batch, device,
                            steps=args.steps, warmup=args.warmup) for r in range(S)]
         bounds = [args.batch * item * math.prod(shapes[stage_bounds(parts, r)[1] - 1])

@@ -34,7 +34,7 @@ from rich.table import Table
 
 from pipemlaan.config import Config, load_config, method_label
 from pipemlaan.data import DatasetSpec
-from pipemlaan.engine.partition import balanced_partition, measure_costs, stage_bounds
+from pipemlaan.engine.partition import balanced_partition, measure_costs, stage_bounds, window_spans
 from pipemlaan.engine.stage import Stage
 from pipemlaan.errors import PipemlaanError
 from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
@@ -60,7 +60,7 @@ def profile_memory(cfg: Config, spec: DatasetSpec, ranks: int, batch: int,
         else:
             small = min(batch, 8)
             costs = measure_costs(modules, x0[:small], y0[:small], repeats=1)
-            partition = balanced_partition(costs, ranks, max(1, plan.max_reach() - 1))
+            partition = balanced_partition(costs, ranks, window_spans(plan))
     stages = []
     for s in range(len(partition)):
         lo, hi = stage_bounds(partition, s)
@@ -202,7 +202,7 @@ def table3(ranks: int, batch: int, imagenet_batch: int, methods=METHODS, nets=TA
                 row.update(single_process_bytes=one["peak_bytes"], single_step_s=one["step_s"])
                 if name != "bp" and ranks > 1:
                     parts = balanced_partition([1.0] * len(modules), ranks,
-                                               max(1, plan.max_reach() - 1))
+                                               window_spans(plan))
                     per = [stage_alone(cfg, spec, modules, plan, parts, r, b, device,
                                        steps=steps, warmup=2) for r in range(ranks)]
                     row.update(partition=parts, per_rank_bytes=[p["peak_bytes"] for p in per],

@@ -1,6 +1,6 @@
-"""Tests of pipemlaan.engine.partition: the balanced partition is optimal and respects
-min_per_rank; impossible requests and bad explicit partitions raise ConfigError naming the fix;
-describe() reports every rank.
+"""Tests of pipemlaan.engine.partition: the balanced partition is optimal and never puts a
+rank strictly inside a cascade window; impossible requests and bad explicit partitions raise
+ConfigError naming the fix; describe() reports every rank.
 
 Run: cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_partition.py -q
 """
@@ -13,16 +13,33 @@ import random
 
 import pytest
 
-from pipemlaan.engine.partition import balanced_partition, check_partition, describe
+from pipemlaan.config import load_config
+from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
+                                        window_spans)
 from pipemlaan.errors import ConfigError
+from pipemlaan.local.module import window_plan
 
 
-def contiguous_partitions(K: int, ranks: int, min_per_rank: int):
-    """Every way to cut K modules into `ranks` contiguous runs of >= min_per_rank modules."""
+def spans_of(K: int, W: int, lead: int | None = None) -> list[tuple[int, int]]:
+    """Windows of W modules closing at every module from `lead` on, the first reaching back
+    to module 0 (the reference plan; lead = W-1 gives windows of W modules throughout)."""
+    lead = W - 1 if lead is None else lead
+    return [(0 if j == lead else j - W + 1, j) for j in range(lead, K) if W > 1]
+
+
+def crosses_two(counts: list[int], spans) -> bool:
+    """Independent oracle: some window covers modules of three or more ranks."""
+    owner = [r for r, n in enumerate(counts) for _ in range(n)]
+    return any(len({owner[k] for k in range(a, j + 1)}) > 2 for a, j in spans)
+
+
+def contiguous_partitions(K: int, ranks: int, spans):
+    """Every way to cut K modules into `ranks` contiguous runs none of whose windows crosses
+    two rank boundaries."""
     for cuts in itertools.combinations(range(1, K), ranks - 1):
         bounds = (0, *cuts, K)
         counts = [b - a for a, b in zip(bounds, bounds[1:])]
-        if min(counts) >= min_per_rank:
+        if not crosses_two(counts, spans):
             yield counts
 
 
@@ -45,23 +62,27 @@ def random_costs(rng: random.Random, K: int) -> list[float]:
     return [0.25] * K
 
 
-CASES = [(K, ranks, mpr) for K in range(1, 9) for ranks in range(1, 5) for mpr in (1, 2, 3)
-         if ranks * mpr <= K]
+CASES = [(K, ranks, W, lead) for K in range(1, 9) for ranks in range(1, 5) for W in (1, 2, 3)
+         for lead in {W - 1, W} if ranks <= K and lead < K]
 
 
-@pytest.mark.parametrize("K,ranks,min_per_rank", CASES,
-                         ids=[f"K{K}-r{r}-min{m}" for K, r, m in CASES])
-def test_balanced_partition_is_optimal(K, ranks, min_per_rank):
-    rng = random.Random(1000 * K + 10 * ranks + min_per_rank)
-    for _ in range(25):
+@pytest.mark.parametrize("K,ranks,W,lead", CASES,
+                         ids=[f"K{K}-r{r}-W{W}-lead{ld}" for K, r, W, ld in CASES])
+def test_balanced_partition_is_optimal(K, ranks, W, lead):
+    spans = spans_of(K, W, lead)
+    feasible = list(contiguous_partitions(K, ranks, spans))
+    rng = random.Random(1000 * K + 10 * ranks + W + 7 * lead)
+    for _ in range(10):
         costs = random_costs(rng, K)
-        got = balanced_partition(costs, ranks, min_per_rank)
-        assert len(got) == ranks, (costs, got)
-        assert sum(got) == K, (costs, got)
-        assert all(isinstance(n, int) for n in got), got
-        assert min(got) >= min_per_rank, (costs, got, min_per_rank)
-        best = min(bottleneck(p, costs)
-                   for p in contiguous_partitions(K, ranks, min_per_rank))
+        if not feasible:
+            with pytest.raises(ConfigError):
+                balanced_partition(costs, ranks, spans)
+            continue
+        got = balanced_partition(costs, ranks, spans)
+        assert len(got) == ranks and sum(got) == K, (costs, got)
+        assert all(isinstance(n, int) and n >= 1 for n in got), got
+        assert not crosses_two(got, spans), (got, spans)
+        best = min(bottleneck(p, costs) for p in feasible)
         assert math.isclose(bottleneck(got, costs), best, rel_tol=1e-9, abs_tol=1e-12), \
             (costs, got, best)
 
@@ -76,29 +97,50 @@ def test_balanced_partition_single_rank_owns_everything():
     assert balanced_partition([0.3, 0.1, 0.2], 1) == [3]
 
 
-@pytest.mark.parametrize("K,ranks,min_per_rank", [(3, 4, 1), (5, 3, 2), (8, 3, 3), (1, 2, 1),
-                                                  (6, 4, 2)])
-def test_balanced_partition_impossible_raises_config_error(K, ranks, min_per_rank):
+def test_windows_of_three_ask_two_modules_of_every_rank_but_the_first():
+    spans = spans_of(6, 3)
+    assert balanced_partition([1.0] * 6, 3, spans) in ([2, 2, 2], [1, 2, 3], [1, 3, 2])
+    check_partition([1, 2, 3], spans)          # rank 0 is never inside a window
+    with pytest.raises(ConfigError, match="rank 1"):
+        check_partition([2, 1, 3], spans)
+
+
+def test_spans_come_from_the_window_plan():
+    """The reference plan on resnet8 with the stem alone (K=4, window 2): the first window
+    covers modules 0-2, so 4 ranks of one module each would put rank 1 inside it."""
+    cfg = load_config(None, ["--model.name=resnet8", "--model.K=4"])
+    spans = window_spans(window_plan(cfg, 4))
+    assert spans == [(0, 2), (2, 3)]
     with pytest.raises(ConfigError) as info:
-        balanced_partition([1.0] * K, ranks, min_per_rank)
+        balanced_partition([1.0] * 4, 4, spans)
+    assert "model.K=4" in str(info.value) and "\n" not in str(info.value)
+    assert balanced_partition([1.0] * 4, 3, spans) == [1, 2, 1] or \
+        not crosses_two(balanced_partition([1.0] * 4, 3, spans), spans)
+
+
+@pytest.mark.parametrize("K,ranks,W", [(3, 4, 2), (5, 4, 3), (1, 2, 2), (3, 3, 3)])
+def test_balanced_partition_impossible_raises_config_error(K, ranks, W):
+    with pytest.raises(ConfigError) as info:
+        balanced_partition([1.0] * K, ranks, spans_of(K, W))
     msg = str(info.value)
     assert "model.K" in msg and str(K) in msg
     assert "\n" not in msg
 
 
-@pytest.mark.parametrize("counts,min_per_rank", [([2, 1, 2], 2), ([0, 4], 1), ([3, 1], 2)])
-def test_check_partition_rejects_too_small_stage(counts, min_per_rank):
+@pytest.mark.parametrize("counts,W", [([2, 1, 2], 3), ([3, 1, 2], 3), ([1, 1, 1], 3)])
+def test_check_partition_rejects_a_rank_inside_a_window(counts, W):
+    spans = spans_of(sum(counts), W)
     with pytest.raises(ConfigError) as info:
-        check_partition(counts, min_per_rank)
+        check_partition(counts, spans)
     msg = str(info.value)
     assert "pipeline.partition" in msg
-    bad = next(r for r, n in enumerate(counts) if n < min_per_rank)
-    assert f"rank {bad}" in msg
+    assert crosses_two(counts, spans)
+    assert "rank 1" in msg      # the rank that sits inside a window in each of these
 
 
-@pytest.mark.parametrize("counts,min_per_rank", [([2, 2, 2], 2), ([1, 3], 1), ([4], 3)])
-def test_check_partition_accepts_valid(counts, min_per_rank):
-    check_partition(counts, min_per_rank)
+@pytest.mark.parametrize("counts,W", [([2, 2, 2], 3), ([1, 3], 2), ([4], 3), ([1, 2, 2], 3)])
+def test_check_partition_accepts_valid(counts, W):
+    check_partition(counts, spans_of(sum(counts), W))
 
 
 @pytest.mark.parametrize("counts", [[4], [2, 2], [1, 3], [1, 1, 1, 1], [3, 2, 1, 2]])

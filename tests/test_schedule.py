@@ -20,7 +20,7 @@ import pytest
 
 from pipemlaan.config import load_config
 from pipemlaan.data import dataset_spec
-from pipemlaan.engine.partition import balanced_partition
+from pipemlaan.engine.partition import balanced_partition, window_spans
 from pipemlaan.engine.schedule import (FWD, GRAD, WORLD, Compute, Msg, Op, PipeSpec, Post,
                                        RankSchedule, Wait, pipe_spec, program, run_events)
 from pipemlaan.engine.simulate import simulate, simulate_run
@@ -56,7 +56,7 @@ def _modules(method: str, window: int, ema_only_last: bool = False):
 def spec_for(method, window, stages, replicas, lockstep, in_flight, lam_every=1,
              ema_only_last=False) -> PipeSpec:
     plan, modules = _modules(method, window, ema_only_last)
-    parts = balanced_partition([1.0] * len(modules), stages, max(1, plan.max_reach() - 1))
+    parts = balanced_partition([1.0] * len(modules), stages, window_spans(plan))
     return pipe_spec(plan, parts, modules, replicas=replicas, lockstep=lockstep,
                      in_flight=in_flight, lam_every=lam_every, total_steps=TOTAL,
                      ema_only_last=ema_only_last)

@@ -1,10 +1,14 @@
 """Which contiguous run of local modules each rank owns.
 
 The balanced partition minimises the cost of the slowest stage (the pipeline's throughput is
-set by it) under the constraint that every rank owns at least `min_per_rank` modules (a cascade
-window may then cross at most one rank boundary). Costs come from timing each module's full
-training work (body forward, heads forward and backward, body backward) on a small batch on
-rank 0, which then broadcasts them so every rank computes the same partition.
+set by it) under the constraint that every cascade window crosses at most one rank boundary:
+no rank may sit strictly inside a window, i.e. own modules lo..hi-1 of a window that starts
+before lo and ends at or after hi (the rank would have to pass that window's gradient on
+within the step it produced it). With windows of W modules this asks W-1 modules of every
+rank but the first; the reference plan's wider first window asks more of the second rank
+only. Costs come from timing each module's full training work (body forward, heads forward
+and backward, body backward) on a small batch on rank 0, which then broadcasts them so every
+rank computes the same partition.
 """
 
 from __future__ import annotations
@@ -16,14 +20,22 @@ import torch
 from pipemlaan.errors import ConfigError
 from pipemlaan.local.module import LocalModule
 
+Span = tuple[int, int]     # a window's first and last module (inclusive)
 
-def balanced_partition(costs: list[float], ranks: int, min_per_rank: int = 1) -> list[int]:
+
+def window_spans(plan) -> list[Span]:
+    """The modules each window of a WindowPlan trains."""
+    return [(j - r + 1, j) for j, r in enumerate(plan.reach) if r > 1]
+
+
+def inside(lo: int, hi: int, spans: list[Span]) -> Span | None:
+    """A window that rank [lo, hi) would sit strictly inside, or None."""
+    return next(((a, j) for a, j in spans if a < lo and j >= hi), None)
+
+
+def balanced_partition(costs: list[float], ranks: int, spans: list[Span] = ()) -> list[int]:
     """Module counts per rank minimising the largest stage cost (exact dynamic programme)."""
     K = len(costs)
-    if ranks * min_per_rank > K:
-        raise ConfigError(f"{ranks} ranks need at least {ranks * min_per_rank} local modules "
-                          f"(each rank owns >= {min_per_rank} because of method.window), but "
-                          f"model.K={K}; use fewer ranks, a smaller window or a larger K")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -33,11 +45,19 @@ def balanced_partition(costs: list[float], ranks: int, min_per_rank: int = 1) ->
     cut = [[0] * (K + 1) for _ in range(ranks + 1)]
     best[0][0] = 0.0
     for r in range(1, ranks + 1):
-        for k in range(r * min_per_rank, K + 1):
-            for j in range((r - 1) * min_per_rank, k - min_per_rank + 1):
+        for k in range(r, K + 1):
+            for j in range(r - 1, k):
+                if best[r - 1][j] == INF or inside(j, k, spans):
+                    continue
                 v = max(best[r - 1][j], prefix[k] - prefix[j])
                 if v < best[r][k] - 1e-12:
                     best[r][k], cut[r][k] = v, j
+    if best[ranks][K] == INF:
+        widest = max((j - a + 1 for a, j in spans), default=1)
+        raise ConfigError(f"{ranks} ranks cannot hold model.K={K} local modules so that every "
+                          f"cascade window (the widest covers {widest} modules) crosses at "
+                          f"most one rank boundary; use fewer ranks, a smaller window or a "
+                          f"larger K")
     counts, k = [], K
     for r in range(ranks, 0, -1):
         j = cut[r][k]
@@ -46,12 +66,16 @@ def balanced_partition(costs: list[float], ranks: int, min_per_rank: int = 1) ->
     return counts[::-1]
 
 
-def check_partition(counts: list[int], min_per_rank: int) -> None:
-    for r, n in enumerate(counts):
-        if n < min_per_rank:
-            raise ConfigError(f"pipeline.partition gives rank {r} {n} module(s) but "
-                              f"method.window needs at least {min_per_rank} per rank; move "
-                              f"modules to it or lower method.window")
+def check_partition(counts: list[int], spans: list[Span], key: str = "pipeline.partition"
+                    ) -> None:
+    for r in range(len(counts)):
+        lo, hi = stage_bounds(counts, r)
+        bad = inside(lo, hi, spans)
+        if bad:
+            raise ConfigError(f"{key}={counts} puts rank {r}'s modules {lo}-{hi - 1} inside "
+                              f"the cascade window of modules {bad[0]}-{bad[1]}, which would "
+                              f"then cross two rank boundaries; give rank {r} more modules or "
+                              f"lower method.window")
 
 
 def measure_costs(modules: list[LocalModule], example: torch.Tensor, labels: torch.Tensor,
