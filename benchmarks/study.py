@@ -84,7 +84,9 @@ def _finished(run_dir: Path, flags: list[str]) -> bool:
 
 def aggregate(runs: list[dict]) -> dict:
     errs = [r["test_top1_error"] for r in runs]
-    per_module = [statistics.fmean(m) for m in zip(*(r["per_module_test_error"] for r in runs))]
+    # null where a module has no head of its own (the first modules of an MLM plan)
+    per_module = [None if None in m else statistics.fmean(m)
+                  for m in zip(*(r["per_module_test_error"] for r in runs))]
     return {"top1_error_mean": statistics.fmean(errs),
             "top1_error_spread": (max(errs) - min(errs)) / 2 if len(errs) > 1 else 0.0,
             "top1_errors": errs,
@@ -102,7 +104,8 @@ def plot(results: dict, path: Path, K: int) -> None:
     for method in ("dgl", "dgl+mlaan", "bp"):
         if method in results and method != "bp":
             errs = results[method]["per_module_test_error"]
-            ax.plot(range(1, len(errs) + 1), [100 - e for e in errs], marker="o", label=method)
+            shown = [(k + 1, 100 - e) for k, e in enumerate(errs) if e is not None]
+            ax.plot(*zip(*shown), marker="o", label=method)
     if "bp" in results:
         ax.axhline(100 - results["bp"]["top1_error_mean"], ls=":", color="grey", label="bp")
     ax.set_xlabel("local module")

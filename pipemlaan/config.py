@@ -35,6 +35,9 @@ class ModelConfig:
     K: int = _f(4, "number of local modules, paper numbering: K = blocks + 1 puts the stem in a "
                 "module of its own; smaller K merges the stem into the first module")
     width: int = _f(16, "channels of the first CIFAR stage (16 in the paper); stages double it")
+    zero_init_last_bn: str = _f("auto", "auto | on | off: start every residual block's last "
+                                "BatchNorm weight at 0 (auto: on for the ImageNet ResNets, off "
+                                "for the CIFAR ones, as the reference code)")
 
 
 @dataclass
@@ -49,10 +52,26 @@ class MethodConfig:
                              "module's EMA twin each step (default: every twin)")
     w_g: float = _f(0.001, "weight of the independent head loss when a window loss exists")
     w_h: float = _f(0.999, "weight of the cascaded / leap head loss")
-    infopro_recon: list = _f([5.0, 0.0], "InfoPro reconstruction weight at the first and last "
-                             "module, linearly interpolated by depth")
-    infopro_ce: list = _f([0.5, 1.0], "InfoPro classification weight at the first and last module")
-    head_width: int = _f(0, "hidden width of dgl/infopro heads; 0 = the module's channels")
+    first_modules_head: bool = _f(False, "MLM: give the modules before the first window (the "
+                                  "first window-1, and a stem of its own) an independent head; "
+                                  "false = the reference: they learn only through the windows "
+                                  "downstream, the first of which reaches back to the stem")
+    heads: str = _f("reference", "reference (the authors' auxiliary heads for each variant, "
+                    "leap heads ending in the variant's head) or compact (smaller dgl/infopro "
+                    "heads, leap heads ending in pool + linear)")
+    infopro_recon: list = _f([5.0, 0.0], "InfoPro reconstruction weight [first, last], "
+                             "interpolated linearly (see method.infopro_ratio)")
+    infopro_ce: list = _f([0.5, 1.0], "InfoPro classification weight [first, last] (InfoPro's "
+                          "runs for K >= 4; the MLAAN paper recipes set [0.5, 0.0] as its runs)")
+    infopro_ratio: str = _f("auto", "what InfoPro weights interpolate over: module (index / "
+                            "(K-2)), stage (stage of the module's last block / (K-2), at most "
+                            "1, as the reference InfoPro* code) or auto (stage with mlm or lam, "
+                            "else module)")
+    leap_init: str = _f("auto", "auto | copy | fresh: leap copies start equal to the blocks "
+                        "they copy, or freshly initialised, the twin drawn separately (auto: "
+                        "fresh for ImageNet ResNets, copy for CIFAR, as the reference)")
+    head_width: int = _f(0, "heads=reference: feature width of the dgl/infopro heads (0 = 128); "
+                         "heads=compact: their hidden width (0 = the module's channels)")
 
 
 @dataclass
@@ -123,6 +142,10 @@ class PipelineConfig:
     microbatches: int = _f(2, "batches in flight per rank in async mode (>= 1); each one "
                            "beyond the first delays window gradients a step (faster, less "
                            "accurate on short runs: see README)")
+    emulate_async: list = _f([], "one process only: delay window gradients and LAM snapshots "
+                             "exactly as an async pipeline with these module counts per rank "
+                             "and pipeline.microbatches in flight would (what staleness alone "
+                             "costs); [] = off")
     lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")
     timeout_s: float = _f(120.0, "seconds any wait on a peer may take before the run stops "
                           "with an error naming that peer")
@@ -293,6 +316,14 @@ def validate(cfg: Config) -> None:
                           f"method.window or raise model.K")
     if not 0.0 <= meth.ema_decay <= 1.0:
         raise ConfigError(f"method.ema_decay={meth.ema_decay}: must lie in [0, 1]")
+    for key, value, allowed in (("model.zero_init_last_bn", m.zero_init_last_bn,
+                                 ("auto", "on", "off")),
+                                ("method.heads", meth.heads, ("reference", "compact")),
+                                ("method.infopro_ratio", meth.infopro_ratio,
+                                 ("auto", "stage", "module")),
+                                ("method.leap_init", meth.leap_init, ("auto", "copy", "fresh"))):
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is unknown; use one of {', '.join(allowed)}")
     if len(meth.infopro_recon) != 2 or len(meth.infopro_ce) != 2:
         raise ConfigError("method.infopro_recon and method.infopro_ce take two numbers: "
                           "[first module, last module]")
@@ -317,6 +348,9 @@ def validate(cfg: Config) -> None:
     if any((not isinstance(n, int)) or n < 1 for n in p.partition):
         raise ConfigError(f"pipeline.partition={p.partition}: give a positive module count per "
                           f"rank, e.g. [2, 2]")
+    if any((not isinstance(n, int)) or n < 1 for n in p.emulate_async):
+        raise ConfigError(f"pipeline.emulate_async={p.emulate_async}: give a positive module "
+                          f"count per emulated rank, e.g. [1, 1, 1, 1]")
     if p.partition and sum(p.partition) != (1 if meth.name == "bp" else m.K):
         raise ConfigError(f"pipeline.partition={p.partition} sums to {sum(p.partition)} but "
                           f"model.K={m.K}; make the counts add up to K")

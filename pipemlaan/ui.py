@@ -100,7 +100,7 @@ def results_table(summary: dict) -> Table:
     t.add_column("module", justify="right")
     t.add_column("test error (its head)", justify="right")
     for k, e in enumerate(summary["per_module_test_error"]):
-        t.add_row(str(k), f"{e:.2f}%")
+        t.add_row(str(k), "no head" if e is None else f"{e:.2f}%")
     t.add_section()
     t.add_row("top-1 error", f"{summary['test_top1_error']:.2f}%")
     t.add_row("top-5 error", f"{summary['test_top5_error']:.2f}%")

@@ -39,10 +39,15 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
-from runs import (ASYNC_CASES, ASYNC_LAM, ASYNC_STEPS, CHANCE_ERROR, DP_LAYOUTS, DP_METHODS, K,
-                  LOCK_EPOCHS, LOCK_RANKS, LOCK_STEPS, LOCK_STEPS_PER_EPOCH, METHODS,
-                  WINDOW3_K, WINDOW3_PARTITION, assert_losses_match,
+from pipemlaan.config import load_config
+from pipemlaan.data import dataset_spec
+from pipemlaan.local.module import build_local_modules
+
+from runs import (ASYNC_CASES, ASYNC_LAM, ASYNC_STEPS, CHANCE_ERROR, DP_LAYOUTS, DP_METHODS,
+                  EMULATED_CASES, K, LOCK_EPOCHS, LOCK_RANKS, LOCK_STEPS, LOCK_STEPS_PER_EPOCH,
+                  METHODS, REF_PLAN, WINDOW3_K, WINDOW3_PARTITION, assert_losses_match,
                   assert_params_identical, assert_params_match, check_async_trains,
                   check_evaluation_equals_single_process, check_lockstep_equals_single_process,
                   check_per_rank_metrics, check_replicas_equal_single_process,
@@ -110,6 +115,52 @@ def test_lockstep_evaluation_equals_single_process(runs, method, ranks):
 @needs(lambda ranks, microbatches: [f"async-{ranks}-mb{microbatches}"])
 def test_async_pipeline_trains(runs, ranks, microbatches):
     check_async_trains(runs.get(f"async-{ranks}-mb{microbatches}"), ranks)
+
+
+@pytest.mark.parametrize("ranks,microbatches", EMULATED_CASES,
+                         ids=[f"{n}ranks-mb{mb}" for n, mb in EMULATED_CASES])
+@needs(lambda ranks, microbatches: [f"async-{ranks}-mb{microbatches}",
+                                    f"emulate-{ranks}-mb{microbatches}"])
+def test_one_process_emulates_the_async_pipeline_exactly(runs, ranks, microbatches):
+    """pipeline.emulate_async delays window gradients and LAM snapshots as the async
+    pipeline does: the single process ends with the same weights bit for bit, so what async
+    loses against the single process is staleness, not a bug of the pipeline."""
+    pipe = runs.get(f"async-{ranks}-mb{microbatches}")
+    emulated = runs.get(f"emulate-{ranks}-mb{microbatches}")
+    assert emulated.summary()["world_size"] == 1
+    assert_params_identical(pipe, emulated, K)
+    assert emulated.losses() == pipe.losses()
+    # and the staleness is real: the plain single process differs
+    assert states_differ(pipe, runs.get("ref-async-single"), K)
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+@needs(lambda ranks: ["ref-refplan", f"lock-refplan-{ranks}"])
+def test_reference_plan_lockstep_equals_single_process(runs, ranks):
+    """The default plan: modules 0 and 1 (the stem alone, then a block) have no head and
+    learn through the first window, which covers modules 0-2 and crosses a rank boundary."""
+    ref, got = runs.get("ref-refplan"), runs.get(f"lock-refplan-{ranks}")
+    s = got.summary()
+    assert s["per_module_test_error"][:2] == [None, None]
+    assert s["final_train_loss_per_module"][:2] == [None, None]
+    assert {k for _, k in ref.losses()} == {2, 3}
+    assert_losses_match(ref, got, LOCK_STEPS, K)
+    assert_params_match(ref, got, K)
+    assert s["per_module_test_error"] == ref.summary()["per_module_test_error"]
+    # modules 0 and 1 did learn, from the window alone
+    cfg = load_config(None, REF_PLAN)
+    _, start = build_local_modules(cfg, dataset_spec(cfg.data))
+    final = ref.module_states(K)
+    for k in (0, 1):
+        init = start[k].state_dict()
+        moved = [n for n, t in init.items() if n.startswith("body.") and t.is_floating_point()
+                 and not torch.equal(t, final[k][n])]
+        assert moved and all(n.startswith("body.") for n in final[k]), k
+
+
+@needs(lambda: ["async-refplan-2", "emulate-refplan-2"])
+def test_reference_plan_emulated_async_equals_the_pipeline(runs):
+    assert_params_identical(runs.get("async-refplan-2"), runs.get("emulate-refplan-2"), K)
 
 
 @needs(lambda: ["async-lam-4"])

@@ -17,6 +17,10 @@ by about that many steps, so in steady state the owner has already sent that sna
 wait does not block the forward stream; and the staleness is fixed, so an async run's result
 does not depend on timing. (Taking "whatever has arrived" cannot work: gloo's irecv never
 reports completion until it is waited on, so the twins would never move.)
+
+A single process that emulates an async pipeline (pipeline.emulate_async, engine/stage.py
+[Note: emulated staleness]) gives each twin the same lag through `lags`: it keeps the
+snapshots of the last `lag` sync steps and hands the twin the one the pipeline would.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ class LamSync:
 
     def __init__(self, cfg, rank: int, modules: dict[int, LocalModule], all_modules: list,
                  owner_of_block: dict[int, int], live_blocks: dict[int, torch.nn.Module],
-                 total_steps: int, device=None):
+                 total_steps: int, device=None, lags: dict[int, int] | None = None):
         self.every = cfg.pipeline.lam_sync_every
         self.decay = cfg.method.ema_decay
         self.rank, self.total = rank, total_steps
@@ -65,6 +69,13 @@ class LamSync:
                     blocks.append(b)
         for blocks in self.send_to.values():
             blocks.sort()
+        # emulated async lag per twin (module index -> steps), its snapshot, and the history
+        # of snapshots per followed block (sync step -> tensors)
+        self.lags = {m.index: lags[m.index] for m in self.twins if lags and lags.get(m.index)}
+        self.lag_snap = {i: self.snap[all_modules[i].twin_source] for i in self.lags}
+        self.history: dict[int, dict[int, list[torch.Tensor]]] = {
+            all_modules[i].twin_source: {} for i in self.lags}
+        self._source = {m.index: m.twin_source for m in self.twins}
 
     def _like(self, blocks: list[int]) -> list[torch.Tensor]:
         return [t for b in blocks for t in self.snap[b]]
@@ -94,20 +105,46 @@ class LamSync:
             for b, new in zip(blocks, _split_blocks(unflatten(flat, self._like(blocks)),
                                                     [len(self.snap[b]) for b in blocks])):
                 self.snap[b] = new
+        if self.lags:
+            self._take_lagged(t)
         for m in self.twins:
-            ema_update(m.twin, self.snap[m.twin_source], self.decay)
+            snap = self.lag_snap.get(m.index, self.snap[m.twin_source])
+            ema_update(m.twin, snap, self.decay)
+
+    def record(self, t: int) -> None:
+        """Emulated async lag: keeps the live weights that an owner rank would publish for
+        sync step t. Called where the pipeline publishes: after step t-1's own work, before
+        the drain of a run of steps (so a snapshot never holds the drained gradients)."""
+        if self.lags and self.is_sync_step(t):
+            for b, hist in self.history.items():
+                hist[t] = [x.detach().clone() for x in block_state(self.live[b])]
+
+    def _take_lagged(self, t: int) -> None:
+        for i, lag in self.lags.items():
+            got = self.history[self._source[i]].get(t - lag)
+            if got is not None:
+                self.lag_snap[i] = got
+        oldest = t - max(self.lags.values())
+        for hist in self.history.values():
+            for u in [u for u in hist if u < oldest]:
+                del hist[u]
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state(self, module_index: int) -> list[torch.Tensor] | None:
         for m in self.twins:
             if m.index == module_index:
-                return [t.clone() for t in self.snap[m.twin_source]]
+                snap = self.lag_snap.get(m.index, self.snap[m.twin_source])
+                return [t.clone() for t in snap]
         return None
 
     def load_state(self, module_index: int, tensors: list[torch.Tensor]) -> None:
         for m in self.twins:
             if m.index == module_index:
-                self.snap[m.twin_source] = [t.to(self.device) for t in tensors]
+                snap = [t.to(self.device) for t in tensors]
+                if m.index in self.lag_snap:
+                    self.lag_snap[m.index] = snap
+                else:
+                    self.snap[m.twin_source] = snap
 
 
 def _split_blocks(tensors: list[torch.Tensor], sizes: list[int]) -> list[list[torch.Tensor]]:

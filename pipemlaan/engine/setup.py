@@ -21,7 +21,7 @@ from pipemlaan.engine.distributed import DistEnv, agree, broadcast
 from pipemlaan.engine.lam import LamSync
 from pipemlaan.engine.p2p import Transport, WaitClock
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
-                                        measure_costs, stage_bounds)
+                                        measure_costs, stage_bounds, window_spans)
 from pipemlaan.engine.replicas import GradSync, Layout, sync_batch_norm
 from pipemlaan.engine.schedule import (RankSchedule, pipe_group, pipe_spec, process_groups,
                                        stage_group)
@@ -70,13 +70,13 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     backbone, all_modules = build_local_modules(cfg, spec)
     plan = window_plan(cfg, len(all_modules))
     K = len(all_modules)
-    min_per_rank = max(1, plan.max_reach() - 1)
+    spans = window_spans(plan)
     _auto_resume_after_restart(cfg, env)
     error = None
     try:
         validate_world(cfg, env.world, K)
         if cfg.pipeline.partition and env.world > 1:
-            check_partition(cfg.pipeline.partition, min_per_rank)
+            check_partition(cfg.pipeline.partition, spans)
         if env.rank == 0:
             validate_data(cfg.data)
             _check_run_dir(cfg)
@@ -88,7 +88,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     image_shape = (spec.in_channels, *spec.image_size)
     shapes = output_shapes(all_modules, image_shape)
     partition = _partition(cfg, env, layout.stages, all_modules, image_shape, spec.num_classes,
-                           min_per_rank)
+                           spans)
     lo, hi = stage_bounds(partition, layout.stage)
     owned = all_modules[lo:hi]
     for m in all_modules:
@@ -125,8 +125,9 @@ def build(cfg: Config, env: DistEnv) -> Setup:
             for m in owned:
                 sync_batch_norm(m, grad_sync)
     tracker = SavedTensorTracker(enabled=env.device.type == "cpu")
+    emulate = _emulated(cfg, layout, spans, K)
     stage = Stage(cfg, owned, plan, env.device, stash=async_pipe, saved_tracker=tracker,
-                  grad_sync=grad_sync)
+                  grad_sync=grad_sync, emulate=emulate)
     schedule = RankSchedule(pspec, env.rank)
 
     transport, clock = None, WaitClock(env.device)
@@ -145,7 +146,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
             config_hash(cfg), schedule.prev, schedule.next,
             pipe_group(env.rank, schedule.prev) if schedule.prev is not None else None,
             pipe_group(env.rank, schedule.next) if schedule.next is not None else None)
-    lam = _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total)
+    lam = _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, emulate)
     if transport and lam:
         transport.lam_buffer = lam.buffer
     return Setup(cfg, env, layout, all_modules, partition, stage, tracker, transport, lam,
@@ -190,7 +191,7 @@ def _check_run_dir(cfg: Config) -> None:
                           f"--run.dir") from None
 
 
-def _partition(cfg, env, stages, modules, image_shape, num_classes, min_per_rank) -> list[int]:
+def _partition(cfg, env, stages, modules, image_shape, num_classes, spans) -> list[int]:
     """Modules per stage (the same in every replica)."""
     K = len(modules)
     if stages == 1:
@@ -210,14 +211,40 @@ def _partition(cfg, env, stages, modules, image_shape, num_classes, min_per_rank
         for m in mods:
             m.to("cpu")
     costs = broadcast(env, costs)
-    parts = balanced_partition(costs, stages, min_per_rank)
+    parts = balanced_partition(costs, stages, spans)
     print0(env, describe(parts, costs))
     return parts
 
 
-def _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total):
+def _emulated(cfg: Config, layout: Layout, spans: list, K: int
+              ) -> tuple[list[int], int] | None:
+    """pipeline.emulate_async: (module counts per emulated rank, batches in flight), checked
+    like a real async pipeline's partition; None when off."""
+    counts = cfg.pipeline.emulate_async
+    if not counts:
+        return None
+    if layout.stages > 1:
+        raise ConfigError("pipeline.emulate_async makes one process behave as an async "
+                          "pipeline; launch it on one rank (or pipeline.replicas = ranks), or "
+                          "leave it [] in a pipeline")
+    if sum(counts) != K:
+        raise ConfigError(f"pipeline.emulate_async={counts} sums to {sum(counts)} but there "
+                          f"are {K} local modules; make the counts add up to model.K")
+    check_partition(counts, spans, "pipeline.emulate_async")
+    return list(counts), cfg.pipeline.microbatches
+
+
+def _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, emulate=None):
     if not any(m.twin is not None for m in all_modules):
         return None
+    lags = None
+    if emulate is not None:   # the async pipeline's lag: (owner - receiver stage) x M
+        counts, M = emulate
+        stage_of = {b: next(i for i in range(len(counts)) if m.index < stage_bounds(counts, i)[1])
+                    for m in all_modules
+                    for b in range(m.block_range[0], m.block_range[1] + 1)}
+        lags = {m.index: (stage_of[m.twin_source] - stage_of[m.block_range[0]]) * M
+                for m in all_modules if m.twin is not None}
     owner = {}     # block -> the global rank of its stage in this replica
     for s in range(len(partition)):
         lo, hi = stage_bounds(partition, s)
@@ -226,4 +253,4 @@ def _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total):
                 owner[b] = layout.rank_of(layout.replica, s)
     live = {b: backbone.blocks[b] for b, r in owner.items() if r == env.rank}
     return LamSync(cfg, env.rank, stage.modules, all_modules, owner, live, total,
-                   device=env.device)
+                   device=env.device, lags=lags)

@@ -26,6 +26,15 @@ In async mode a module whose windows end on a later rank finalises batch t only 
 next batches went through its forward. Those modules run their body on a clone of their
 parameters ("weight stashing"), so the optimizer's in-place steps never touch a graph that
 is still waiting for its backward.
+
+[Note: emulated staleness] `emulate=(partition, M)` makes a single-process stage behave as an
+async pipeline with that partition and M batches in flight would: a window gradient that
+crosses a boundary of the partition is held and reaches the module before it only after that
+stage's forward of batch t+M-1 (where the pipeline's rank receives G(t)), the modules waiting
+for it stash their weights, and `flush_delayed` delivers what is still held at the end of a
+run of steps (the pipeline's drain). Each emulated rank then runs the same operations, in the
+same order, on the same inputs as the real one (the LAM lag is engine/lam.py's part), so the
+two runs match: what an async pipeline loses against the single process is staleness.
 """
 
 from __future__ import annotations
@@ -58,7 +67,7 @@ class _Pending:
 class Stage:
     def __init__(self, cfg: Config, modules: list[LocalModule], plan: WindowPlan,
                  device: torch.device, stash: bool = False, saved_tracker=None,
-                 grad_sync=None):
+                 grad_sync=None, emulate: tuple[list[int], int] | None = None):
         self.cfg = cfg
         on_cuda = device.type == "cuda"
         self._channels_last = on_cuda and cfg.train.channels_last
@@ -82,8 +91,19 @@ class Stage:
         self.from_next = [j for j in plan.covering(self.last) if j > self.last]
         self.to_prev = ([j for j in plan.covering(self.first - 1) if j >= self.first]
                         if self.first > 0 else [])
+        # the last module of each (real or emulated) pipeline stage: windows past it wait
+        stage_last = {k: self.last for k in self.indices}
+        self._held_at: set[int] = set()         # [Note: emulated staleness]
+        self._delay = 0
+        self._held: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        if emulate is not None:
+            counts, self._delay = emulate[0], emulate[1] - 1
+            ends = [sum(counts[:i + 1]) - 1 for i in range(len(counts))]
+            stage_last = {k: next(e for e in ends if e >= k) for k in self.indices}
+            self._held_at = set(ends[:-1]) if self._delay else set()
+            stash = stash or bool(self._held_at)
         self.stashed = {k for k in self.indices
-                        if stash and any(j > self.last for j in plan.covering(k))}
+                        if stash and any(j > stage_last[k] for j in plan.covering(k))}
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.losses: dict[int, torch.Tensor] = {}
         # [Note: non-finite on the device]
@@ -105,6 +125,8 @@ class Stage:
         with track:
             for k in self.indices:
                 x = self._forward_module(k, step, lr, x, labels, images)
+                if k in self._held_at:
+                    self._deliver(step - self._delay, k)
         missing = [j for j in self.to_prev if j not in self._upstream]
         assert not missing, f"windows {missing} did not reach module {self.first}"
         return x.detach(), [self._upstream.pop(j) for j in self.to_prev]
@@ -113,6 +135,16 @@ class Stage:
         """Window gradients from the next rank for batch `step`, at our last module's output."""
         for j, g in zip(self.from_next, grads):
             self._arrive(step, self.last, j, g)
+
+    def _deliver(self, step: int, k: int) -> None:
+        for j, grad in sorted(self._held.pop((step, k), []), key=lambda item: item[0]):
+            self._arrive(step, k, j, grad)
+
+    def flush_delayed(self) -> None:
+        """Delivers every held window gradient, oldest batch first ([Note: emulated
+        staleness]: the drain at the end of a run of steps)."""
+        for step, k in sorted(self._held):
+            self._deliver(step, k)
 
     def unfinished(self) -> list[int]:
         """Batches some module is still waiting on (oldest first)."""
@@ -150,12 +182,15 @@ class Stage:
             part.backward()
             total = part.detach() if total is None else total + part.detach()
             grads.append(z.grad)
-        self.losses[k] = total
-        # head parameters only: the body has no gradient yet
-        ok = self._guarded_step(k, self.head_params[k], torch.isfinite(total), lr, step)
-        # a skipped batch contributes zero gradients: the window bookkeeping (and the stream
-        # to the previous rank) goes on, and nothing non-finite travels upstream
-        g_grad, h_grad = (None if g is None else g.masked_fill_(~ok, 0.0) for g in grads)
+        if total is None:      # no loss of its own: it learns through later windows only
+            g_grad = h_grad = None
+        else:
+            self.losses[k] = total
+            # head parameters only: the body has no gradient yet
+            ok = self._guarded_step(k, self.head_params[k], torch.isfinite(total), lr, step)
+            # a skipped batch contributes zero gradients: the window bookkeeping (and the
+            # stream to the previous rank) goes on, and nothing non-finite travels upstream
+            g_grad, h_grad = (None if g is None else g.masked_fill_(~ok, 0.0) for g in grads)
         pend.g_grad = g_grad
         if h_grad is not None:
             self._arrive(step, k, k, h_grad)
@@ -174,7 +209,9 @@ class Stage:
         if self.plan.continues_past(j, k):
             with torch.profiler.record_function(f"module {k} window {j} backward"):
                 (back,) = torch.autograd.grad(pend.out, pend.inp, grad, retain_graph=True)
-            if k - 1 in self.modules:
+            if k - 1 in self._held_at:
+                self._held.setdefault((step, k - 1), []).append((j, back))
+            elif k - 1 in self.modules:
                 self._arrive(step, k - 1, j, back)
             else:
                 self._upstream[j] = back
@@ -239,14 +276,17 @@ class Stage:
     @torch.no_grad()
     def eval_batch(self, x: torch.Tensor, labels: torch.Tensor, images: torch.Tensor | None
                    ) -> tuple[torch.Tensor, dict[int, list[int]]]:
-        """Forward in eval mode. Returns the boundary activation and, per owned module, the
-        [top-1 correct, top-5 correct] counts of its report head (h if it has one, else g)."""
+        """Forward in eval mode. Returns the boundary activation and, per owned module with a
+        head, the [top-1 correct, top-5 correct] counts of its report head (h if it has one,
+        else g)."""
         counts = {}
         with self._autocast:
             for k in self.indices:
                 mod = self.modules[k]
                 x = mod.body(x)
                 head = mod.h if mod.h is not None else mod.g
+                if head is None:
+                    continue
                 _, logits = head(x, labels, images)
                 top = logits.float().topk(min(5, logits.shape[1]), dim=1).indices
                 hit = top == labels[:, None]

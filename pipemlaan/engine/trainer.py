@@ -62,6 +62,8 @@ class Trainer:
         view.start(s.total_steps, self.step)
         try:
             self._run(s.schedule.lam_start())
+            if s.lam:
+                s.lam.record(self.step)
             for ev in events:
                 if ev.kind == "train":
                     t0 = time.perf_counter()
@@ -98,8 +100,11 @@ class Trainer:
         for t in range(a, b):
             self._tracer.at(t)
             self._run(s.schedule.step(t, a, b))
+            if s.lam:
+                s.lam.record(t + 1)      # emulated async pipelines only (engine/lam.py)
             if t == b - 1:
                 self._run(s.schedule.drain(a, b))
+                self.stage.flush_delayed()
             self.step = t + 1
             window_images += cfg.train.batch_size
             if self.step % cfg.run.log_every == 0 or self.step == s.total_steps:
@@ -174,7 +179,8 @@ class Trainer:
         stage.train(False)
         bs = self.cfg.train.batch_size // s.layout.replicas
         n_batches = -(-s.test_samples // bs)
-        self._eval_counts = {k: [0, 0] for k in stage.indices}
+        self._eval_counts = {k: [0, 0] for k in stage.indices
+                             if stage.modules[k].g is not None or stage.modules[k].h is not None}
         if s.is_first:
             self._batches = s.test_set.batches(bs, epoch=0, seed=0, train=False,
                                                every=(s.layout.replica, s.layout.replicas))
@@ -185,7 +191,8 @@ class Trainer:
             for k, (top1, top5) in part.items():
                 merged[k] = [merged.get(k, [0, 0])[0] + top1, merged.get(k, [0, 0])[1] + top5]
         n, K = s.test_samples, len(s.all_modules)
-        per_module = [100.0 * (1 - merged[k][0] / n) for k in range(K)]
+        # null for a module without a head of its own (the first modules of an MLM plan)
+        per_module = [100.0 * (1 - merged[k][0] / n) if k in merged else None for k in range(K)]
         return {"per_module_test_error": per_module, "test_top1_error": per_module[-1],
                 "test_top5_error": 100.0 * (1 - merged[K - 1][1] / n)}
 

@@ -2,11 +2,25 @@
 
 [Note: window plan] Module j may carry a head h_j whose loss ("window j") trains the `reach`
 modules j-reach+1..j (MLM: reach = method.window; LAM alone: reach = 1, the leap head sits on
-module j alone). Windows exist for j >= window-1 under MLM, for every non-last module under LAM
-alone, and always for the last module, whose h is the network's own classifier. Every
-non-last module also has an independent head g_j, which trains module j alone. A module's
-objective is `w_g * L(g) + w_h * L(h)` when it has both, else the one loss at weight 1.
-End-to-end BP is a single module whose h is the classifier.
+module j alone). The last module's h is the network's own classifier. Under MLM the windows
+start as in the reference code: the first window closes at module `lead` = window-1 (one
+later when the stem is a module of its own, K = blocks + 1, because the reference merges the
+stem into its first module) and reaches back to module 0; the modules before it have no
+loss of their own and learn only through the windows downstream. `method.first_modules_head`
+restores pipemlaan's earlier plan: every window has `window` modules, from module window-1
+on, and every non-last module has a g. Otherwise every non-last module from `lead` on has
+an independent head g_j, which trains module j alone. A module's objective is
+`w_g * L(g) + w_h * L(h)` when it has both, else the one loss at weight 1. End-to-end BP is
+a single module whose h is the classifier.
+
+[Note: head kinds] With method.heads = "reference" (the authors' code):
+  g of dgl+mlm/lam/mlaan (DGL*)  AuxDGLHead; ImageNet ResNets: ImageNetAuxHead
+  g of plain dgl                 ConvFCHead ("1c2f": the reference DGL baseline's head)
+  g of infopro (either)          decoder + ConvFCHead (ImageNet: + ImageNetAuxHead)
+  g of linear                    LinearHead
+  leap head classifier           the variant's g head on the leap output (DGL*, InfoPro*),
+                                 LinearHead for the plain MLAAN variant (linear)
+With "compact": DGLHead / InfoProHead(DGLHead) as g, LinearHead after every leap network.
 
 `build_local_modules` builds the full network on every rank from the seed, so every rank holds
 identical initial weights and LAM copies equal the live blocks they copy.
@@ -22,9 +36,10 @@ from torch import nn
 
 from pipemlaan.config import Config
 from pipemlaan.data import DatasetSpec
-from pipemlaan.local.heads import ClassifierHead, DGLHead, InfoProHead, LeapHead, LinearHead
-from pipemlaan.models import build_backbone
-from pipemlaan.models.resnet import Backbone
+from pipemlaan.local.heads import (AuxDGLHead, ClassifierHead, ConvFCHead, DGLHead,
+                                   ImageNetAuxHead, InfoProHead, LeapHead, LinearHead)
+from pipemlaan.models import build_backbone, num_blocks, parse_model_name, zero_last_bn_default
+from pipemlaan.models.resnet import Backbone, BasicBlock, init_weights
 from pipemlaan.models.split import lam_copies, module_ranges
 
 
@@ -46,8 +61,20 @@ class WindowPlan:
     def needs_input_grad(self, k: int) -> bool:
         return any(self.continues_past(j, k) for j in self.covering(k))
 
-    def max_reach(self) -> int:
-        return max(self.reach)
+
+def stem_alone(cfg: Config, K: int) -> bool:
+    return K == num_blocks(cfg.model.name) + 1
+
+
+def first_window(cfg: Config, K: int) -> int:
+    """`lead` of [Note: window plan]: the module where the first window closes under MLM
+    (modules before it have no head), 0 without MLM."""
+    m = cfg.method
+    if not m.mlm or m.name == "bp":
+        return 0
+    if m.first_modules_head:
+        return m.window - 1
+    return m.window - 1 + (1 if stem_alone(cfg, K) else 0)
 
 
 def window_plan(cfg: Config, K: int) -> WindowPlan:
@@ -55,12 +82,13 @@ def window_plan(cfg: Config, K: int) -> WindowPlan:
     if m.name == "bp":
         return WindowPlan(1, (1,))
     W = m.window if m.mlm else 1
+    lead = first_window(cfg, K)
     reach = []
     for j in range(K):
         if j == K - 1:
-            reach.append(min(W, K))
+            reach.append(K if m.mlm and j <= lead else min(W, K))
         elif m.mlm:
-            reach.append(W if j >= W - 1 else 0)
+            reach.append(0 if j < lead else (j + 1 if j == lead else W))
         else:
             reach.append(1 if m.lam else 0)
     return WindowPlan(K, tuple(reach))
@@ -113,21 +141,64 @@ def make_optimizer(module: LocalModule, cfg: Config) -> torch.optim.SGD:
     return opt
 
 
-def _head_width(cfg: Config, channels: int) -> int:
-    return cfg.method.head_width or channels
+def _classifier(cfg: Config, spec: DatasetSpec, backbone: Backbone, cin: int) -> nn.Module:
+    """The classifier part of a dgl / infopro head on `cin` channels ([Note: head kinds])."""
+    m, classes = cfg.method, spec.num_classes
+    if m.heads == "compact":
+        return DGLHead(cin, classes, m.head_width or cin)
+    if parse_model_name(backbone.name)[0] == "imagenet":
+        basic = isinstance(backbone.blocks[1], BasicBlock)
+        return ImageNetAuxHead(cin, classes, 2 * cin if basic and cin < 256 else 0)
+    if m.name == "dgl" and (m.mlm or m.lam):
+        return AuxDGLHead(cin, classes, m.head_width or 128)
+    cout = min(2 * cin, backbone.info[-1].out_channels)
+    return ConvFCHead(cin, classes, max(cout, cin), 2 if cout > cin else 1, m.head_width or 128)
 
 
-def _small_head(cfg: Config, spec: DatasetSpec, cin: int, depth: float) -> nn.Module:
-    """The independent head kind named by method.name, at relative depth `depth` in [0, 1]."""
+def _head(cfg: Config, spec: DatasetSpec, backbone: Backbone, cin: int,
+          infopro_w: tuple[float, float]) -> nn.Module:
+    """The variant's head on `cin` channels: a module's g, or what ends its leap network."""
     m = cfg.method
     if m.name == "linear":
         return LinearHead(cin, spec.num_classes)
+    cls = _classifier(cfg, spec, backbone, cin)
     if m.name == "dgl":
-        return DGLHead(cin, spec.num_classes, _head_width(cfg, cin))
-    r0, r1 = m.infopro_recon
-    c0, c1 = m.infopro_ce
-    return InfoProHead(cin, spec.num_classes, _head_width(cfg, cin), spec.in_channels, spec.mean,
-                       spec.std, r0 + (r1 - r0) * depth, c0 + (c1 - c0) * depth)
+        return cls
+    return InfoProHead(cin, cls, spec.in_channels, spec.mean, spec.std, *infopro_w,
+                       reference=m.heads == "reference")
+
+
+def infopro_weights(cfg: Config, backbone: Backbone, K: int, i: int, last_block: int
+                    ) -> tuple[float, float]:
+    """(reconstruction, classification) weights of module i's InfoPro losses: the first
+    and last values of method.infopro_recon / infopro_ce, interpolated by
+    ratio = min(index / (K' - 2), 1) (0 when K' <= 2) where index is the module index and K' = K
+    (`module`), or index is the stage of the module's last block and K' the reference's
+    module count, stem merged (`stage`, the reference InfoPro* code)."""
+    m = cfg.method
+    mode = m.infopro_ratio
+    if mode == "auto":
+        mode = "stage" if (m.mlm or m.lam) else "module"
+    if mode == "module":
+        index, k = i, K
+    else:
+        index, k = backbone.info[last_block].stage, K - (1 if stem_alone(cfg, K) else 0)
+    # the reference formula passes 1 for K' < 5 (stage 3 / 2), which would turn the weights
+    # negative: it is held at 1
+    ratio = min(index / (k - 2), 1.0) if k > 2 else 0.0
+    (r0, r1), (c0, c1) = m.infopro_recon, m.infopro_ce
+    return r0 + (r1 - r0) * ratio, c0 + (c1 - c0) * ratio
+
+
+def _fresh_leap(cfg: Config) -> bool:
+    if cfg.method.leap_init == "auto":
+        return parse_model_name(cfg.model.name)[0] == "imagenet"
+    return cfg.method.leap_init == "fresh"
+
+
+def _zero_last_bn(cfg: Config) -> bool:
+    choice = cfg.model.zero_init_last_bn
+    return zero_last_bn_default(cfg.model.name) if choice == "auto" else choice == "on"
 
 
 # Building seeds the global RNG and draws from it: ranks that are threads of one process
@@ -143,27 +214,37 @@ def build_local_modules(cfg: Config, spec: DatasetSpec) -> tuple[Backbone, list[
 
 def _build(cfg: Config, spec: DatasetSpec) -> tuple[Backbone, list[LocalModule]]:
     torch.manual_seed(cfg.train.seed)
-    backbone = build_backbone(cfg.model.name, spec.in_channels, spec.num_classes, cfg.model.width)
+    zero_last_bn = _zero_last_bn(cfg)
+    backbone = build_backbone(cfg.model.name, spec.in_channels, spec.num_classes,
+                              cfg.model.width, zero_last_bn)
     K = 1 if cfg.method.name == "bp" else cfg.model.K
     ranges = module_ranges(backbone, K)
     plan = window_plan(cfg, K)
+    lead = first_window(cfg, K)
     modules = []
     for i, (first, last) in enumerate(ranges):
         blocks = backbone.blocks[first:last + 1]
         cout = backbone.info[last].out_channels
-        depth = i / max(K - 2, 1)
-        g = None if i == K - 1 else _small_head(cfg, spec, cout, depth)
+        weights = infopro_weights(cfg, backbone, K, i, last)
+        headless = i < lead and not cfg.method.first_modules_head
+        g = None if i == K - 1 or headless else _head(cfg, spec, backbone, cout, weights)
         h, twin_source = None, None
         if i == K - 1:
             h = ClassifierHead(backbone.classifier)
         elif plan.reach[i]:
             if cfg.method.lam:
                 src = lam_copies(backbone, ranges, i)
-                h = LeapHead([backbone.blocks[b] for b in src], spec.num_classes,
-                             backbone.info[src[-1]].out_channels)
+                leap_out = backbone.info[src[-1]].out_channels
+                classifier = (LinearHead(leap_out, spec.num_classes)
+                              if cfg.method.heads == "compact"
+                              else _head(cfg, spec, backbone, leap_out, weights))
+                h = LeapHead([backbone.blocks[b] for b in src], classifier)
+                if _fresh_leap(cfg):    # the reference ImageNet code re-initialises them
+                    for part in (h.copies, h.twin):
+                        init_weights(part, zero_last_bn)
                 twin_source = src[0]
             else:
-                h = _small_head(cfg, spec, cout, depth)
+                h = _head(cfg, spec, backbone, cout, weights)
         modules.append(LocalModule(i, blocks, g, h, twin_source, (first, last)))
     return backbone, modules
 

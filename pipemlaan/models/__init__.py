@@ -32,11 +32,21 @@ def num_blocks(name: str) -> int:
     return 3 * ((depth - 2) // 6)
 
 
-def build_backbone(name: str, in_channels: int, num_classes: int, width: int = 16) -> Backbone:
+def zero_last_bn_default(name: str) -> bool:
+    """The reference initialisation: the ImageNet code zeroes every block's last BatchNorm
+    weight, the CIFAR code does not."""
+    return parse_model_name(name)[0] == "imagenet"
+
+
+def build_backbone(name: str, in_channels: int, num_classes: int, width: int = 16,
+                   zero_last_bn: bool | None = None) -> Backbone:
+    """`zero_last_bn=None`: as the reference code does for this family of models."""
     family, depth = parse_model_name(name)
+    if zero_last_bn is None:
+        zero_last_bn = zero_last_bn_default(name)
     if family == "imagenet":
-        return imagenet_resnet(name, in_channels, num_classes)
-    return cifar_resnet(depth, in_channels, num_classes, width)
+        return imagenet_resnet(name, in_channels, num_classes, zero_last_bn)
+    return cifar_resnet(depth, in_channels, num_classes, width, zero_last_bn)
 
 
-__all__ = ["Backbone", "build_backbone", "num_blocks", "parse_model_name"]
+__all__ = ["Backbone", "build_backbone", "num_blocks", "parse_model_name", "zero_last_bn_default"]

@@ -97,16 +97,24 @@ class Backbone:
         return 1 + sum(self.stage_sizes[: stage - 1]) + index
 
 
-def _init(module: nn.Module) -> None:
+def init_weights(module: nn.Module, zero_last_bn: bool = False) -> None:
+    """He initialisation of convolutions, BatchNorm at (1, 0); with `zero_last_bn` the last
+    BatchNorm of every residual block starts at weight 0, so each block starts as its
+    shortcut (the reference ImageNet code, after Goyal et al.)."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+    if zero_last_bn:
+        for m in module.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                nn.init.zeros_(m.bn2.weight if isinstance(m, BasicBlock) else m.bn3.weight)
 
 
-def cifar_resnet(depth: int, in_channels: int, num_classes: int, width: int = 16) -> Backbone:
+def cifar_resnet(depth: int, in_channels: int, num_classes: int, width: int = 16,
+                 zero_last_bn: bool = False) -> Backbone:
     """He et al.'s CIFAR ResNet of depth 6n+2: a 3x3 stem and 3 stages of n basic blocks."""
     n = (depth - 2) // 6
     stem = nn.Sequential(nn.Conv2d(in_channels, width, 3, 1, 1, bias=False),
@@ -123,7 +131,7 @@ def cifar_resnet(depth: int, in_channels: int, num_classes: int, width: int = 16
             cin = planes
     classifier = Classifier(cin, num_classes)
     for b in blocks + [classifier]:
-        _init(b)
+        init_weights(b, zero_last_bn)
     return Backbone(f"resnet{depth}", blocks, info, classifier, [n, n, n])
 
 
@@ -136,7 +144,8 @@ IMAGENET_LAYOUTS = {
 }
 
 
-def imagenet_resnet(name: str, in_channels: int, num_classes: int) -> Backbone:
+def imagenet_resnet(name: str, in_channels: int, num_classes: int,
+                    zero_last_bn: bool = True) -> Backbone:
     """torchvision-shaped ImageNet ResNet: 7x7 stride-2 stem + max-pool, then 4 stages."""
     block_cls, sizes = IMAGENET_LAYOUTS[name]
     stem = nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64),
@@ -154,5 +163,5 @@ def imagenet_resnet(name: str, in_channels: int, num_classes: int) -> Backbone:
             cin = cout
     classifier = Classifier(cin, num_classes)
     for b in blocks + [classifier]:
-        _init(b)
+        init_weights(b, zero_last_bn)
     return Backbone(name, blocks, info, classifier, list(sizes))

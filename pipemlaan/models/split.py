@@ -65,8 +65,10 @@ def lam_copies(backbone: Backbone, ranges: list[Range], i: int) -> list[int]:
     tables = reference_tables()["lam_copied_blocks"].get(backbone.name, {})
     stem_alone = K == n + 1
     entry = None
-    if stem_alone and str(n) in tables:
-        entry = tables[str(n)][max(i - 1, 0)]   # code module c = paper module c + 1
+    if stem_alone and i == 0:
+        pass     # the reference has no leap network on the stem: the general rule below
+    elif stem_alone and str(n) in tables:
+        entry = tables[str(n)][i - 1]   # code module c = paper module c + 1
     elif not stem_alone and str(K) in tables:
         entry = tables[str(K)][i]
     if entry is not None:
