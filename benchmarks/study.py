@@ -4,7 +4,8 @@ ablation (DGL with neither / MLM / LAM / both) and layer-wise accuracy.
   python -m benchmarks.study --quick        # one seed, 20k training images, 1 epoch (~15 min)
   python -m benchmarks.study                # 2 seeds, full data, 3 epochs (hours on 2 cores)
   python -m benchmarks.study --seeds 0,1,2 --epochs 10 --ranks 4 --async-check
-  python -m benchmarks.study --epochs 1 --jobs 2 --async-check   # what results/ holds (~1.5 h)
+  python -m benchmarks.study --epochs 1 --jobs 2 --async-check --staleness-check
+                                            # what results/ holds (~1.5 h)
 
 Every run is a real `python -m pipemlaan.train` (single process unless --ranks > 1), same
 backbone (ResNet-20), same K, same epochs and seeds for every method. Results: test error mean
@@ -34,13 +35,15 @@ from benchmarks import methods
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
-    name = f"{method}-s{seed}-r{ranks}" + (f"-mb{args.microbatches}" if ranks > 1 else "")
+def run(args, method: str, seed: int, ranks: int, workdir: Path, extra: tuple = (),
+        tag: str = "") -> dict:
+    name = (f"{method}-s{seed}-r{ranks}" + (f"-mb{args.microbatches}" if ranks > 1 else "")
+            + tag)
     flags = [f"--model.name={args.model}", f"--model.K={args.K}", "--data.name=fashion_mnist",
              f"--train.epochs={args.epochs}", f"--train.batch_size={args.batch}",
              f"--train.lr={args.lr}", f"--train.seed={seed}", f"--run.dir={workdir}",
              f"--run.name={name}", "--run.progress=false", "--run.log_every=50",
-             "--run.overwrite=true", *methods.flags(method)]
+             "--run.overwrite=true", *methods.flags(method), *extra]
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
     env = {**os.environ}
@@ -72,12 +75,15 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path) -> dict:
 
 def _finished(run_dir: Path, flags: list[str]) -> bool:
     """Whether run_dir holds a finished run of exactly the config these flags resolve to."""
-    import tomllib
-
     from pipemlaan.config import load_config
+    from pipemlaan.errors import ConfigError
     if not (run_dir / "summary.json").is_file() or not (run_dir / "config.toml").is_file():
         return False
-    had = tomllib.loads((run_dir / "config.toml").read_text())
+    # through load_config, so keys added to pipemlaan since that run take their defaults
+    try:
+        had = load_config(run_dir / "config.toml").to_dict()
+    except ConfigError:
+        return False
     wanted = load_config(None, flags).to_dict()
     return all(had.get(k) == v for k, v in wanted.items() if k != "run")
 
@@ -132,6 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", type=int, default=1)
     p.add_argument("--async-check", action="store_true",
                    help="also train dgl+mlaan as a 4-rank async pipeline")
+    p.add_argument("--staleness-check", action="store_true",
+                   help="also train dgl+mlaan in one process emulating the 4-rank async "
+                   "pipeline (pipeline.emulate_async), and the 4-rank async pipeline with "
+                   "weight prediction (pipeline.predict_weights)")
     p.add_argument("--jobs", type=int, default=1,
                    help="single-process runs at once (each gets cpu_count/jobs threads)")
     p.add_argument("--workdir", default="",
@@ -151,15 +161,29 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pipemlaan-study-") as scratch:
         tmp = args.workdir or scratch
         jobs = args.jobs if args.ranks == 1 else 1
+        mb = args.microbatches
+        emulated = (f"dgl+mlaan, one process emulating 4 async ranks, {mb} in flight",
+                    "dgl+mlaan", ("--pipeline.emulate_async=[1,1,1,1]",
+                                  f"--pipeline.microbatches={mb}"), f"-emulate4-mb{mb}")
         with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
             futures = {m: [pool.submit(run, args, m, s, args.ranks, Path(tmp)) for s in seeds]
                        for m in chosen}
-            for method in chosen:
+            if args.staleness_check:
+                label, m, extra, tag = emulated
+                futures[label] = [pool.submit(run, args, m, s, 1, Path(tmp), extra, tag)
+                                  for s in seeds]
+            for method in futures:
                 raw[method] = [f.result() for f in futures[method]]
                 results[method] = aggregate(raw[method])
         if args.async_check:
             label = f"dgl+mlaan async 4 ranks, {args.microbatches} in flight"
             raw[label] = [run(args, "dgl+mlaan", s, 4, Path(tmp)) for s in seeds]
+            results[label] = aggregate(raw[label])
+        if args.staleness_check:
+            label = f"dgl+mlaan async 4 ranks, {mb} in flight, weight prediction"
+            raw[label] = [run(args, "dgl+mlaan", s, 4, Path(tmp),
+                              ("--pipeline.predict_weights=true",), "-predict")
+                          for s in seeds]
             results[label] = aggregate(raw[label])
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"study-fmnist-{stamp}"

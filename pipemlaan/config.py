@@ -146,6 +146,10 @@ class PipelineConfig:
                              "exactly as an async pipeline with these module counts per rank "
                              "and pipeline.microbatches in flight would (what staleness alone "
                              "costs); [] = off")
+    predict_weights: bool = _f(False, "async: modules whose window gradient comes a step late "
+                               "run their forward on weights predicted along the momentum "
+                               "(w - (microbatches-1) x lr x momentum buffer, SpecTrain), so "
+                               "the late gradient is taken near the weights it updates")
     lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")
     timeout_s: float = _f(120.0, "seconds any wait on a peer may take before the run stops "
                           "with an error naming that peer")

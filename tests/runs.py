@@ -130,6 +130,11 @@ for _n, _mb in EMULATED_CASES:
                                                _partition(_n).replace("partition",
                                                                       "emulate_async")])
 TRAIN_RUNS["ref-async-single"] = (1, [*ASYNC, *MLAAN])
+# weight prediction, in the pipeline and emulated in one process
+_PRED = [*ASYNC, *MLAAN, "--pipeline.microbatches=2", "--pipeline.predict_weights=true"]
+TRAIN_RUNS["async-2-mb2-pred"] = (2, [*_PRED, _partition(2)])
+TRAIN_RUNS["emulate-2-mb2-pred"] = (1, [*_PRED, _partition(2).replace("partition",
+                                                                         "emulate_async")])
 # the reference plan (modules 0 and 1 without a head, the first window over modules 0-2)
 REF_PLAN = [a for a in LOCKSTEP if a != "--method.first_modules_head=true"] + MLAAN
 REF_PLAN_ASYNC = [a for a in ASYNC if a != "--method.first_modules_head=true"] + MLAAN

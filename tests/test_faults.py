@@ -51,7 +51,8 @@ EXIT_AFTER_KILL_S = 60   # a dead rank must end the job within this
 VALIDATION_S = 25        # start-up errors must come well before pipeline.timeout_s (30 s)
 
 TINY = ["--data.name=synthetic", "--data.synthetic_size=256", "--data.synthetic_image=[1,16,16]",
-        "--model.name=resnet8", "--model.K=4", "--train.batch_size=16", "--run.progress=false",
+        "--model.name=resnet8", "--model.K=4", "--method.first_modules_head=true",
+        "--train.batch_size=16", "--run.progress=false",
         "--pipeline.timeout_s=30", "--train.device=cpu"]
 STEPS_PER_EPOCH = 256 // 16
 ERROR_LINE = re.compile(r"^pipemlaan: error: .+$", re.M)
@@ -618,7 +619,7 @@ VALIDATION_CASES = {
     "unknown-method": (2, ["--method.name=backprop"], "method.name"),
     "world-larger-than-K": (3, ["--model.K=2"], "model.K"),
     "partition-length": (2, ["--pipeline.partition=[1,1,2]"], "pipeline.partition"),
-    "partition-below-window": (2, ["--method.window=3", "--pipeline.partition=[3,1]"],
+    "partition-below-window": (3, ["--method.window=3", "--pipeline.partition=[1,1,2]"],
                                "pipeline.partition"),
     "fashion-missing": (2, lambda t: ["--data.name=fashion_mnist", f"--data.root={t / 'none'}"],
                         "data.root"),

@@ -134,6 +134,16 @@ def test_one_process_emulates_the_async_pipeline_exactly(runs, ranks, microbatch
     assert states_differ(pipe, runs.get("ref-async-single"), K)
 
 
+@needs(lambda: ["async-2-mb2-pred", "emulate-2-mb2-pred", "async-2-mb2"])
+def test_weight_prediction_changes_the_run_the_same_way_emulated(runs):
+    """pipeline.predict_weights moves the stale modules' forward weights along the momentum:
+    the run changes, trains, and the one-process emulation still matches the pipeline."""
+    pred = runs.get("async-2-mb2-pred")
+    assert_params_identical(pred, runs.get("emulate-2-mb2-pred"), K)
+    assert states_differ(pred, runs.get("async-2-mb2"), K)
+    check_async_trains(pred, 2)
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 @needs(lambda ranks: ["ref-refplan", f"lock-refplan-{ranks}"])
 def test_reference_plan_lockstep_equals_single_process(runs, ranks):

@@ -104,6 +104,9 @@ class Stage:
             stash = stash or bool(self._held_at)
         self.stashed = {k for k in self.indices
                         if stash and any(j > stage_last[k] for j in plan.covering(k))}
+        # [Note: weight prediction] steps by which a stashed module's update lags its forward
+        self._ahead = ((self._delay if emulate is not None else cfg.pipeline.microbatches - 1)
+                       if cfg.pipeline.predict_weights and cfg.train.momentum > 0 else 0)
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.losses: dict[int, torch.Tensor] = {}
         # [Note: non-finite on the device]
@@ -160,7 +163,7 @@ class Stage:
             inp.requires_grad_(True)
         with torch.profiler.record_function(f"module {k} forward"), self._autocast:
             if k in self.stashed:
-                params = {n: p.clone() for n, p in mod.body.named_parameters()}
+                params = self._stash(k, mod, lr)
                 out = functional_call(mod.body, params, (inp,))
             else:
                 out = mod.body(inp)
@@ -197,6 +200,19 @@ class Stage:
         else:
             self._maybe_finalize(step, k)
         return out
+
+    # [Note: weight prediction] A stashed module's update for batch t lands `_ahead` steps
+    # after its forward of t, so its gradient is taken at weights that many updates old. With
+    # pipeline.predict_weights the forward runs on w - ahead * lr * v (v: the momentum buffer,
+    # the direction the pending updates take; SpecTrain, Chen et al. 2018), and the gradient
+    # (which passes through the prediction unchanged) is applied to w as always.
+    def _stash(self, k: int, mod: LocalModule, lr: float) -> dict[str, torch.Tensor]:
+        if not self._ahead:
+            return {n: p.clone() for n, p in mod.body.named_parameters()}
+        opt = self.optimizers[k]
+        scale = -self._ahead * lr * opt.param_groups[0]["lr_mult"]     # the body's group
+        return {n: torch.add(p, opt.state[p]["momentum_buffer"], alpha=scale)
+                for n, p in mod.body.named_parameters()}
 
     def _head_weights(self, mod: LocalModule) -> tuple[float, float]:
         if mod.g is not None and mod.h is not None:
