@@ -46,11 +46,12 @@ CHANCE_ERROR = 100.0 * (1 - 1 / NUM_CLASSES)
 # resnet8 with K=4 puts the stem in a module of its own. Under the reference plan (the default)
 # the first window then covers modules 0-2, which 3 or 4 ranks cannot hold; the pipeline
 # tests give every module a head (method.first_modules_head) so that every rank count works,
-# and REF_PLAN runs check the default plan where it fits.
+# and the compact heads keep them fast (the machinery does not depend on the head kind);
+# REF_PLAN runs check the defaults, heads and plan, where they fit.
 TINY_PLAN = ["--data.name=synthetic", "--data.synthetic_image=[3,8,8]", "--model.name=resnet8",
              f"--model.K={K}", f"--train.batch_size={BATCH}", "--run.progress=false",
              "--run.log_every=1", "--train.device=cpu"]
-TINY = [*TINY_PLAN, "--method.first_modules_head=true"]
+TINY = [*TINY_PLAN, "--method.first_modules_head=true", "--method.heads=compact"]
 
 LOCK_SAMPLES, LOCK_EPOCHS = 128, 2
 LOCK_STEPS_PER_EPOCH = LOCK_SAMPLES // BATCH
@@ -92,11 +93,10 @@ ASYNC_LAM = [*ASYNC, *MLAAN, "--method.ema_decay=0.9", "--pipeline.microbatches=
 # (a sum over two half-batches instead of one batch) grows past 1e-5 within a few steps, even
 # between two single-process runs whose batch norm merely sums in another order; at lr 0.02
 # they are well-conditioned, and the comparison tests the replica logic, not the rounding.
-# The reference DGL* head normalises 512 features over each replica's 8 images (BatchNorm1d):
-# equal to one batch norm over 16 to float32 rounding (test_replica_batch_norm.py), but that
-# rounding then grows past 1e-5 within a few steps; the compact heads keep these runs
-# well-conditioned.
-DP_LR = ["--train.lr=0.02", "--method.heads=compact"]
+# (TINY's compact heads matter here too: the reference DGL* head normalises 512 features over
+# each replica's 8 images (BatchNorm1d), equal to one batch norm over 16 to float32 rounding
+# (test_replica_batch_norm.py), but that rounding grows past 1e-5 within a few steps.)
+DP_LR = ["--train.lr=0.02"]
 DP_METHODS = ["dgl+mlaan", "infopro+mlaan"]
 DP_LAYOUTS = {"2x2": 4, "2x1": 2}     # D x S -> ranks
 DP_SYNC = ["--pipeline.replicas=2", "--pipeline.sync_bn=true"]
@@ -136,8 +136,9 @@ TRAIN_RUNS["async-2-mb2-pred"] = (2, [*_PRED, _partition(2)])
 TRAIN_RUNS["emulate-2-mb2-pred"] = (1, [*_PRED, _partition(2).replace("partition",
                                                                          "emulate_async")])
 # the reference plan (modules 0 and 1 without a head, the first window over modules 0-2)
-REF_PLAN = [a for a in LOCKSTEP if a != "--method.first_modules_head=true"] + MLAAN
-REF_PLAN_ASYNC = [a for a in ASYNC if a != "--method.first_modules_head=true"] + MLAAN
+_DEFAULTS = ("--method.first_modules_head=true", "--method.heads=compact")
+REF_PLAN = [a for a in LOCKSTEP if a not in _DEFAULTS] + MLAAN
+REF_PLAN_ASYNC = [a for a in ASYNC if a not in _DEFAULTS] + MLAAN
 TRAIN_RUNS["ref-refplan"] = (1, REF_PLAN)
 TRAIN_RUNS["lock-refplan-2"] = (2, REF_PLAN)
 TRAIN_RUNS["lock-refplan-3"] = (3, REF_PLAN)

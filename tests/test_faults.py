@@ -51,7 +51,8 @@ EXIT_AFTER_KILL_S = 60   # a dead rank must end the job within this
 VALIDATION_S = 25        # start-up errors must come well before pipeline.timeout_s (30 s)
 
 TINY = ["--data.name=synthetic", "--data.synthetic_size=256", "--data.synthetic_image=[1,16,16]",
-        "--model.name=resnet8", "--model.K=4", "--method.first_modules_head=true",
+        "--model.name=resnet8", "--model.K=4",
+        "--method.first_modules_head=true", "--method.heads=compact",
         "--train.batch_size=16", "--run.progress=false",
         "--pipeline.timeout_s=30", "--train.device=cpu"]
 STEPS_PER_EPOCH = 256 // 16

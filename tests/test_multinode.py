@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CONFIG = "configs/fmnist_mlaan_cpu.toml"   # overridden below to a tiny synthetic run
 TINY = ["--data.name=synthetic", "--data.synthetic_size=128", "--data.synthetic_image=[3,8,8]",
-        "--model.name=resnet8", "--model.K=4", "--method.first_modules_head=true",
+        "--model.name=resnet8", "--model.K=4",
+        "--method.first_modules_head=true", "--method.heads=compact",
         "--train.batch_size=16", "--train.epochs=1",
         "--run.progress=false", "--pipeline.mode=lockstep", "--train.device=cpu",
         "--pipeline.timeout_s=60"]

@@ -30,7 +30,7 @@ from inprocess import run_ranks
 aten = torch.ops.aten
 SYNCING = {aten._local_scalar_dense.default, aten.is_nonzero.default, aten.equal.default}
 TINY = ["--data.name=synthetic", "--data.synthetic_image=[3,8,8]", "--model.name=resnet8",
-        "--model.K=4", "--method.first_modules_head=true",
+        "--model.K=4", "--method.first_modules_head=true", "--method.heads=compact",
         "--train.batch_size=16", "--run.progress=false", "--run.log_every=4",
         "--train.device=cpu", "--data.synthetic_size=128", "--train.epochs=1",
         "--method.name=dgl", "--method.mlm=true", "--method.lam=true", "--run.overwrite=true"]

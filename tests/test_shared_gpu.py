@@ -59,7 +59,7 @@ def test_staged_exchanges_and_all_reduce_deliver_the_same_values():
 
 
 TINY = ["--data.name=synthetic", "--data.synthetic_image=[3,8,8]", "--model.name=resnet8",
-        "--model.K=4", "--method.first_modules_head=true",
+        "--model.K=4", "--method.first_modules_head=true", "--method.heads=compact",
         "--train.batch_size=16", "--run.progress=false", "--run.log_every=1",
         "--train.device=cpu", "--data.synthetic_size=64", "--train.epochs=2",
         "--method.name=infopro", "--method.mlm=true", "--method.lam=true",

@@ -26,7 +26,8 @@ RANKS = 4
 RUN_TIMEOUT_S = 60
 MAX_STEPS = 4
 ARGS = ["--data.name=synthetic", "--data.synthetic_size=256", "--data.synthetic_image=[1,16,16]",
-        "--model.name=resnet8", "--model.K=4", "--method.first_modules_head=true",
+        "--model.name=resnet8", "--model.K=4",
+        "--method.first_modules_head=true", "--method.heads=compact",
         "--train.batch_size=16", "--run.progress=false",
         "--pipeline.timeout_s=30", "--train.device=cpu", "--pipeline.mode=async",
         f"--train.max_steps={MAX_STEPS}", "--run.log_every=1"]
