@@ -23,7 +23,8 @@ a single module whose h is the classifier.
 With "compact": DGLHead / InfoProHead(DGLHead) as g, LinearHead after every leap network.
 
 `build_local_modules` builds the full network on every rank from the seed, so every rank holds
-identical initial weights and LAM copies equal the live blocks they copy.
+identical initial weights; LAM copies equal the live blocks they copy, unless
+method.leap_init re-initialises them (the reference ImageNet code).
 """
 
 from __future__ import annotations
