@@ -69,13 +69,13 @@ class LamSync:
                     blocks.append(b)
         for blocks in self.send_to.values():
             blocks.sort()
-        # emulated async lag per twin (module index -> steps), its snapshot, and the history
-        # of snapshots per followed block (sync step -> tensors)
-        self.lags = {m.index: lags[m.index] for m in self.twins if lags and lags.get(m.index)}
-        self.lag_snap = {i: self.snap[all_modules[i].twin_source] for i in self.lags}
+        # emulated async: module index -> (followed block, lag in steps), the twin's
+        # snapshot, and the history of snapshots per followed block (sync step -> tensors)
+        self.lags = {m.index: (m.twin_source, lags[m.index]) for m in self.twins
+                     if lags and lags.get(m.index)}
+        self.lag_snap = {i: self.snap[b] for i, (b, _) in self.lags.items()}
         self.history: dict[int, dict[int, list[torch.Tensor]]] = {
-            all_modules[i].twin_source: {} for i in self.lags}
-        self._source = {m.index: m.twin_source for m in self.twins}
+            b: {} for b, _ in self.lags.values()}
 
     def _like(self, blocks: list[int]) -> list[torch.Tensor]:
         return [t for b in blocks for t in self.snap[b]]
@@ -120,11 +120,11 @@ class LamSync:
                 hist[t] = [x.detach().clone() for x in block_state(self.live[b])]
 
     def _take_lagged(self, t: int) -> None:
-        for i, lag in self.lags.items():
-            got = self.history[self._source[i]].get(t - lag)
+        for i, (b, lag) in self.lags.items():
+            got = self.history[b].get(t - lag)
             if got is not None:
                 self.lag_snap[i] = got
-        oldest = t - max(self.lags.values())
+        oldest = t - max(lag for _, lag in self.lags.values())
         for hist in self.history.values():
             for u in [u for u in hist if u < oldest]:
                 del hist[u]

@@ -7,7 +7,9 @@ stops every rank with the same one-line error.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -240,8 +242,8 @@ def _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, 
     lags = None
     if emulate is not None:   # the async pipeline's lag: (owner - receiver stage) x M
         counts, M = emulate
-        stage_of = {b: next(i for i in range(len(counts)) if m.index < stage_bounds(counts, i)[1])
-                    for m in all_modules
+        ends = list(itertools.accumulate(counts))           # one past each stage's last module
+        stage_of = {b: bisect.bisect_right(ends, m.index) for m in all_modules
                     for b in range(m.block_range[0], m.block_range[1] + 1)}
         lags = {m.index: (stage_of[m.twin_source] - stage_of[m.block_range[0]]) * M
                 for m in all_modules if m.twin is not None}

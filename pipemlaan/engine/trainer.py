@@ -179,8 +179,7 @@ class Trainer:
         stage.train(False)
         bs = self.cfg.train.batch_size // s.layout.replicas
         n_batches = -(-s.test_samples // bs)
-        self._eval_counts = {k: [0, 0] for k in stage.indices
-                             if stage.modules[k].g is not None or stage.modules[k].h is not None}
+        self._eval_counts = {}     # module -> [top-1, top-5] correct, for modules with a head
         if s.is_first:
             self._batches = s.test_set.batches(bs, epoch=0, seed=0, train=False,
                                                every=(s.layout.replica, s.layout.replicas))
@@ -205,8 +204,9 @@ class Trainer:
         x, y, images = self._input(act, ("eval", act.index))
         out, counts = self.stage.eval_batch(x, y, images)
         for k, (top1, top5) in counts.items():
-            self._eval_counts[k][0] += top1
-            self._eval_counts[k][1] += top5
+            got = self._eval_counts.setdefault(k, [0, 0])
+            got[0] += top1
+            got[1] += top5
         for msg in act.produces:
             self.s.transport.put_forward(msg, out, y, images)
 
