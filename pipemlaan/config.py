@@ -115,6 +115,8 @@ class TrainConfig:
                              "CUDA (CPU runs stay contiguous)")
     cudnn_benchmark: bool = _f(False, "let cuDNN pick convolution algorithms by timing them "
                                "(faster; runs are then not bit-equal across processes)")
+    cuda_graphs: bool = _f(True, "record a single-process training step as a CUDA graph and "
+                           "replay it (CUDA, one stage, no replicas; pipeline ranks run eagerly)")
     deterministic: bool = _f(False, "deterministic algorithms (torch and cuDNN): bit-equal runs "
                              "on CUDA across processes, at some speed")
 

@@ -123,3 +123,47 @@ def test_a_planted_nan_is_skipped_on_the_device_and_reported(tmp_path, monkeypat
         for p in (tmp_path / "nan" / "checkpoints").rglob("module_*.pt"):
             state = torch.load(p, weights_only=True)["module"]
             assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+class _ScalarsOnCpu:
+    """What engine/graphs.py's GraphedStep does around each step, less the capture (CPU has no
+    CUDA graphs; tests/test_gpu.py replays real ones): learning rates and step number read from
+    device tensors that are written before the step."""
+
+    def __init__(self, stage):
+        self.stage, self.replays, self.eager_steps, self.failed = stage, 0, 0, None
+        stage.use_device_scalars()
+
+    def __call__(self, step, lr, x, labels, images):
+        self.stage.set_scalars(step, lr)
+        self.eager_steps += 1
+        return self.stage.forward_batch(step, lr, x, labels, images)
+
+
+def test_device_scalars_give_the_same_run_bit_for_bit(tmp_path, monkeypatch):
+    """The graph mode's lr and step tensors ([Note: device scalars]) change nothing: with a
+    warm-up schedule (a new lr every step), lr multipliers on every group and a planted NaN at
+    step 5 (found through the step tensor), the run equals the plain one bit for bit."""
+    from pipemlaan.engine import stage as stage_mod
+    from pipemlaan.engine import trainer as trainer_mod
+    original = stage_mod.Stage._guarded_step
+
+    def planted(self, k, params, finite, lr, step):
+        at = step if self._step_dev is None else self._step_dev     # the graph's step
+        if k == 2 and params is self.body_params[k]:
+            finite = finite & (torch.as_tensor(at) != 5)
+        return original(self, k, params, finite, lr, step)
+    monkeypatch.setattr(stage_mod.Stage, "_guarded_step", planted)
+    args = TINY + ["--train.nonfinite=skip", "--train.warmup_epochs=1",
+                   "--train.lr_mult_backbone=0.7", "--train.lr_mult_g=1.3",
+                   "--train.lr_mult_h=0.9", f"--run.dir={tmp_path}"]
+    plain = run_ranks(args + ["--run.name=plain"], 1)["summary"]
+    monkeypatch.setattr(trainer_mod, "graph_skip_reason", lambda cfg, s: None)
+    monkeypatch.setattr(trainer_mod, "GraphedStep", _ScalarsOnCpu)
+    scalars = run_ranks(args + ["--run.name=scalars"], 1)["summary"]
+    assert scalars["cuda_graph"] == {"replayed_steps": 0, "eager_steps": 8, "off": None}
+    assert plain["cuda_graph"]["off"] == "not on CUDA"
+    assert scalars["param_checksum"] == plain["param_checksum"]
+    assert scalars["final_train_loss_per_module"] == plain["final_train_loss_per_module"]
+    assert scalars["per_module_test_error"] == plain["per_module_test_error"]
+    assert scalars["skipped_updates"] == plain["skipped_updates"] == {"2": 1}, plain

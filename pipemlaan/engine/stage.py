@@ -115,8 +115,37 @@ class Stage:
                            for k in self.indices}
         self.tracker = saved_tracker
         self._upstream: dict[int, torch.Tensor] = {}
+        self._bf16 = on_cuda and cfg.train.bf16
         self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
-                          if on_cuda and cfg.train.bf16 else nullcontext())
+                          if self._bf16 else nullcontext())
+        self._lr_dev: torch.Tensor | None = None       # [Note: device scalars]
+        self._step_dev: torch.Tensor | None = None
+        self._lr_mults: list[float] = []
+
+    # [Note: device scalars] A captured CUDA graph (engine/graphs.py) replays the kernels it
+    # recorded, with the scalars they were given then. So in graph mode the learning rate of
+    # every parameter group and the step number live in device tensors that the graph reads
+    # and that are written before each step: one host-to-device copy of lr x lr_mult per group
+    # (the same float as eager mode's, computed on the host) and one fill. The autocast weight
+    # cache is off (the graph must not keep casts made outside it); each weight is cast once
+    # per step either way.
+    def use_device_scalars(self) -> None:
+        groups = [g for k in self.indices for g in self.optimizers[k].param_groups]
+        self._lr_mults = [g["lr_mult"] for g in groups]
+        self._lr_dev = torch.zeros(len(groups), device=self.device)
+        for i, g in enumerate(groups):
+            g["lr"] = self._lr_dev[i]
+        self._step_dev = torch.zeros((), dtype=torch.long, device=self.device)
+        if self._bf16:
+            self._autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+
+    def set_scalars(self, step: int, lr: float) -> None:
+        """Writes step `step`'s learning rates and number where the device-scalar mode's
+        kernels read them (never inside a captured graph)."""
+        values = torch.tensor([lr * m for m in self._lr_mults], dtype=torch.float32,
+                              pin_memory=self.device.type == "cuda")
+        self._lr_dev.copy_(values, non_blocking=True)
+        self._step_dev.fill_(step)
 
     # ---- training -------------------------------------------------------------------------
     def forward_batch(self, step: int, lr: float, x: torch.Tensor, labels: torch.Tensor,
@@ -265,14 +294,20 @@ class Stage:
             with torch.profiler.record_function("replica gradient all-reduce"):
                 finite = self.grad_sync.average(params, finite)
         opt = self.optimizers[k]
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_mult"]
+        if self._lr_dev is None:
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_mult"]
         opt.found_inf = (~finite).to(torch.float32)
         opt.step()
         opt.zero_grad(set_to_none=True)
         bad = ~finite
-        self._skips[k] = self._skips[k] + bad
-        self._first_bad[k] = self._first_bad[k].masked_fill(bad & (self._first_bad[k] < 0), step)
+        # in place: a captured graph updates these very tensors on every replay
+        self._skips[k].add_(bad)
+        first = self._first_bad[k]
+        if self._step_dev is None:
+            first.masked_fill_(bad & (first < 0), step)
+        else:       # where, not masked_fill_ with a tensor value: that may read it on the host
+            first.copy_(torch.where(bad & (first < 0), self._step_dev, first))
         return finite
 
     @property

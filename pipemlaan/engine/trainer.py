@@ -17,6 +17,7 @@ import torch
 from pipemlaan import checkpoint as ckpt
 from pipemlaan.config import Config, to_toml
 from pipemlaan.engine.distributed import DistEnv, barrier, gather_all
+from pipemlaan.engine.graphs import GraphedStep, graph_skip_reason
 from pipemlaan.engine.lr_schedule import lr_at
 from pipemlaan.engine.schedule import Compute, Post, Wait, run_events
 from pipemlaan.engine.setup import build
@@ -43,6 +44,10 @@ class Trainer:
         self._batches = None
         self._lr = 0.0
         self._tracer = StepTracer(cfg.run.profile_steps, cfg.run_dir / "traces", env)
+        # after resume: a captured graph must see the weights and optimizer state it updates
+        self.graphed = (GraphedStep(self.stage) if graph_skip_reason(cfg, self.s) is None
+                        else None)
+        self._forward = self.graphed or self.stage.forward_batch
 
     @property
     def epoch(self) -> int:
@@ -82,6 +87,7 @@ class Trainer:
         out = summary(s, result, train_time, images, time.perf_counter() - t_start,
                       self.step, self.epoch)
         if out is not None:
+            out["cuda_graph"] = self._graph_report()
             (cfg.run_dir / "summary.json").write_text(json.dumps(out, indent=1))
             console.print(results_table(out))
         return out
@@ -147,7 +153,7 @@ class Trainer:
         x, y, images = self._input(act, act.index)
         self._lr = lr_at(act.index, self.s.steps_per_epoch, self.cfg.train)
         with self.s.clock.measure("compute"):
-            out, upstream = self.stage.forward_batch(act.index, self._lr, x, y, images)
+            out, upstream = self._forward(act.index, self._lr, x, y, images)
         for msg in act.produces:
             if msg.dst > self.env.rank:
                 self.s.transport.put_forward(msg, out, y, images)
@@ -239,6 +245,14 @@ class Trainer:
                                 f"or gradient at step {bad[1]} (its update was skipped); "
                                 f"lower train.lr, or set train.nonfinite=skip to drop such "
                                 f"batches")
+
+    def _graph_report(self) -> dict:
+        """How this rank's training steps ran (engine/graphs.py)."""
+        g = self.graphed
+        if g is None:
+            return {"replayed_steps": 0, "eager_steps": None,
+                    "off": graph_skip_reason(self.cfg, self.s)}
+        return {"replayed_steps": g.replays, "eager_steps": g.eager_steps, "off": g.failed}
 
     def save_checkpoint(self) -> None:
         self._check_finite(every_rank=True)
