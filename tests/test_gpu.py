@@ -6,7 +6,9 @@ buffers), checked against the single process on the same GPU.
   dgl+mlaan, infopro+mlaan, and BP as 2 data-parallel replicas;
 - async 4 ranks train and finish; replicas 2 x 2 run and stay identical;
 - bf16 autocast + channels-last run and train;
-- a dead rank on the GPU ends the job with the rank named, as on CPU.
+- a dead rank on the GPU ends the job with the rank named, as on CPU;
+- a single-process step replayed as a CUDA graph (engine/graphs.py) equals the eager step
+  (fp32 and bf16), and a NaN planted on the device inside the graph is skipped and reported.
 
 Skipped without CUDA (CI has none). Run on a GPU machine:
   cd /work/main && OMP_NUM_THREADS=1 python -m pytest -q -m gpu tests/test_gpu.py
@@ -16,6 +18,7 @@ Skipped without CUDA (CI has none). Run on a GPU machine:
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -66,12 +69,14 @@ def train(tmp: Path, name: str, ranks: int, extra: list[str], timeout: int = 300
 
 
 def losses(res: dict) -> dict[tuple[int, int], float]:
-    out = {}
+    """(step, module) -> the loss over the whole batch: replicas each log their slice's, and the
+    slices are equal, so the batch's is their mean."""
+    parts: dict[tuple[int, int], list[float]] = {}
     for r in res["records"]:
         if r.get("kind") == "train":
             for k, v in r["losses"].items():
-                out[(r["step"], int(k))] = v
-    return out
+                parts.setdefault((r["step"], int(k)), []).append(v)
+    return {key: sum(v) / len(v) for key, v in parts.items()}
 
 
 def assert_equal_runs(ref: dict, got: dict) -> None:
@@ -109,9 +114,17 @@ def test_bp_replicas_on_one_gpu_equal_the_single_process(tmp):
 
 
 def test_async_four_ranks_and_replicas_train_on_one_gpu(tmp):
-    res = train(tmp, "async4", 4, [*METHODS["dgl+mlaan"], "--pipeline.mode=async",
-                                   "--pipeline.microbatches=2"])
-    assert res["summary"]["test_top1_error"] < 80.0
+    """Async 4 ranks with 2 batches in flight end where one process emulating that pipeline
+    ends (pipeline.emulate_async; bit for bit on CPU, tests/test_inprocess.py). (This short
+    run stays at chance level on the synthetic task in one process too: 91.8% on CPU, so
+    accuracy is no check here.)"""
+    flags = [*METHODS["dgl+mlaan"], "--pipeline.mode=async", "--pipeline.microbatches=2"]
+    res = train(tmp, "async4", 4, flags)
+    counts = res["summary"]["partition"]       # modules per rank
+    emulated = train(tmp, "async4-emulated", 1,
+                     [*flags, f"--pipeline.emulate_async=[{','.join(map(str, counts))}]"])
+    assert emulated["summary"]["cuda_graph"]["off"] == "pipeline.emulate_async runs eagerly"
+    assert_equal_runs(emulated, res)
     rep = train(tmp, "rep2x2", 4, [*METHODS["dgl+mlaan"], "--pipeline.replicas=2"])
     sums = rep["summary"]["param_checksum_per_rank"]
     assert sums[0] == sums[2] and sums[1] == sums[3]        # replicas stay identical
@@ -123,7 +136,7 @@ def test_bf16_and_channels_last_train(tmp):
     first = [v for (s, k), v in losses(res).items() if s == 1]
     last = [v for (s, k), v in losses(res).items() if s == max(s for s, _ in losses(res))]
     assert sum(last) < sum(first)
-    assert res["summary"]["test_top1_error"] < 80.0
+    assert all(math.isfinite(v) for v in losses(res).values())
 
 
 def test_a_dead_rank_on_the_gpu_ends_the_job_naming_it(tmp):
@@ -144,3 +157,53 @@ def test_a_dead_rank_on_the_gpu_ends_the_job_naming_it(tmp):
     _, err = proc.communicate(timeout=180)
     assert proc.returncode != 0
     assert "rank" in err and ("died" in err or "stopped" in err or "failed" in err), err[-2000:]
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cuda_graph_replay_equals_eager_steps(tmp, bf16):
+    """2 epochs of 8 steps: 3 eager warm-up steps, a capture, then replays, with an
+    evaluation between the epochs (eager) and a new learning rate every step (warm-up)."""
+    flags = [*METHODS["dgl+mlaan"], f"--train.bf16={str(bf16).lower()}",
+             "--train.warmup_epochs=1", "--train.lr_mult_g=1.3"]
+    ref = train(tmp, f"eager-{bf16}", 1, [*flags, "--train.cuda_graphs=false"])
+    got = train(tmp, f"graph-{bf16}", 1, flags)
+    assert ref["summary"]["cuda_graph"]["off"] == "train.cuda_graphs=false"
+    assert got["summary"]["cuda_graph"] == {"replayed_steps": 13, "eager_steps": 3,
+                                            "off": None}, got["summary"]["cuda_graph"]
+    assert_equal_runs(ref, got)
+
+
+@pytest.mark.parametrize("mode", ["stop", "skip"])
+def test_a_nan_planted_inside_the_cuda_graph_is_skipped_and_reported(tmp, monkeypatch, mode):
+    """Module 2's body gradient is flagged non-finite at step 5, a replayed step, through the
+    device step tensor the graph reads: skip mode counts one skipped update and finishes with
+    finite weights; stop mode ends at the next logging step naming module 2 and step 5."""
+    from pipemlaan.config import load_config
+    from pipemlaan.engine import stage as stage_mod
+    from pipemlaan.engine.distributed import DistEnv
+    from pipemlaan.engine.trainer import Trainer
+    from pipemlaan.errors import PipemlaanError
+    original = stage_mod.Stage._guarded_step
+
+    def planted(self, k, params, finite, lr, step):
+        if k == 2 and params is self.body_params[k]:
+            finite = finite & (self._step_dev != 5)
+        return original(self, k, params, finite, lr, step)
+    monkeypatch.setattr(stage_mod.Stage, "_guarded_step", planted)
+    cfg = load_config(None, [*BASE, *METHODS["dgl+mlaan"], f"--train.nonfinite={mode}",
+                             "--train.epochs=1", "--run.log_every=4", f"--run.dir={tmp}",
+                             f"--run.name=nan-{mode}"])
+    trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cuda"), None, None))
+    try:
+        if mode == "stop":
+            with pytest.raises(PipemlaanError, match=r"module 2 .* at step 5"):
+                trainer.train()
+            assert trainer.graphed.replays >= 2
+            return
+        out = trainer.train()
+    finally:
+        trainer.close()
+    assert out["cuda_graph"]["replayed_steps"] == 5
+    assert out["skipped_updates"] == {"2": 1}
+    for m in trainer.stage.modules.values():
+        assert all(torch.isfinite(p).all() for p in m.parameters())
