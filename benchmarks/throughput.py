@@ -36,7 +36,8 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 
 
 
-def pipemlaan_run(args, method: str, ranks: int, workdir: Path, tag: str) -> dict:
+def pipemlaan_run(args, method: str, ranks: int, workdir: Path, tag: str,
+                  extra: tuple[str, ...] = ()) -> dict:
     """One pipemlaan run; returns steady-state figures read from its metrics.jsonl."""
     steps = args.steps
     c, h, w = args.image
@@ -49,7 +50,7 @@ def pipemlaan_run(args, method: str, ranks: int, workdir: Path, tag: str) -> dic
         "--run.progress=false", f"--run.log_every={args.log_every}",
         "--pipeline.mode=async", f"--pipeline.microbatches={args.microbatches}",
         "--train.threads=1" if args.device == "cpu" else "--train.threads=0",
-        *methods.flags(method)]
+        *methods.flags(method), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if ranks == 0:      # the single process: no torchrun, no process group
         cmd = [PY, "-m", "pipemlaan.train", *common]
@@ -76,7 +77,7 @@ def pipemlaan_run(args, method: str, ranks: int, workdir: Path, tag: str) -> dic
     summary = json.loads((workdir / tag / "summary.json").read_text())
     return {"images_per_s": ips, "per_rank": split,
             "peak_memory_bytes": summary["peak_memory_bytes"],
-            "partition": summary["partition"]}
+            "partition": summary["partition"], "cuda_graph": summary.get("cuda_graph")}
 
 
 def pipelining_run(args, schedule: str, ranks: int, workdir: Path, tag: str) -> dict:
@@ -100,14 +101,16 @@ def pipelining_run(args, schedule: str, ranks: int, workdir: Path, tag: str) -> 
 def configurations(args) -> list[tuple[str, callable]]:
     """(label, runner) pairs, in the order each repeat runs them."""
     confs = []
-    for method in args.methods:
-        for n in args.ranks:
-            if method == "bp" and n > 1:
-                continue
-            label = f"{method} single" if n == 1 else f"{method} {n} ranks"
-            ranks = 0 if n == 1 else n
-            confs.append((label, lambda wd, tag, m=method, r=ranks:
-                          pipemlaan_run(args, m, r, wd, tag)))
+    for variant, extra in args.variants:
+        for method in args.methods:
+            for n in args.ranks:
+                if method == "bp" and n > 1:
+                    continue
+                label = f"{method} single" if n == 1 else f"{method} {n} ranks"
+                label += f" [{variant}]" if variant else ""
+                ranks = 0 if n == 1 else n
+                confs.append((label, lambda wd, tag, m=method, r=ranks, x=extra:
+                              pipemlaan_run(args, m, r, wd, tag, x)))
     if "bp" in args.methods:
         for n in args.ranks:
             if n < 2:
@@ -126,11 +129,14 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
         out[label] = {"median": statistics.median(ips), "min": min(ips), "max": max(ips),
                       "runs": ips, "per_rank": runs[-1].get("per_rank", {}),
                       "peak_memory_bytes": runs[-1].get("peak_memory_bytes"),
-                      "partition": runs[-1].get("partition")}
+                      "partition": runs[-1].get("partition"),
+                      "cuda_graph": runs[-1].get("cuda_graph")}
     for label, s in out.items():
-        method = label.split(" ")[0]
-        base = out.get(f"{method} single")
+        method, variant = label.split(" ")[0], _variant(label)
+        base = out.get(f"{method} single{variant}")
         s["speedup_vs_single"] = s["median"] / base["median"] if base else None
+        bp = out.get(f"bp single{variant}")
+        s["ratio_vs_bp"] = s["median"] / bp["median"] if bp and "ranks" not in label else None
     bp_pipe = {label: s for label, s in out.items() if "1f1b" in label}
     for label, s in out.items():
         n = label.split(" ")[-2] if label.endswith("ranks") else None
@@ -138,6 +144,11 @@ def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
         s["ratio_vs_1f1b_bp"] = s["median"] / ref["median"] if ref and "torch" not in label \
             else None
     return out
+
+
+def _variant(label: str) -> str:
+    """' [NAME]' at the end of a label run under a variant, else ''."""
+    return label[label.rindex(" ["):] if label.endswith("]") else ""
 
 
 def versions() -> dict:
@@ -150,7 +161,7 @@ def versions() -> dict:
 
 def write_outputs(args, summary: dict, stamp: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    base = RESULTS / f"throughput-{args.device}-{stamp}"
+    base = RESULTS / f"throughput-{args.device}-{args.name + '-' if args.name else ''}{stamp}"
     payload = {"date": stamp, "args": {k: v for k, v in vars(args).items()},
                "versions": versions(), "results": summary}
     base.with_suffix(".json").write_text(json.dumps(payload, indent=1))
@@ -160,17 +171,23 @@ def write_outputs(args, summary: dict, stamp: str) -> Path:
              f"{args.steps} steps of which the first {args.warmup} are excluded, "
              f"{args.repeats} interleaved repeats, async pipeline with "
              f"{args.microbatches} batches in flight, one thread per rank.", "",
+             *([f"Variants (train overrides each method ran under): "
+                + "; ".join(f"[{v}] `{' '.join(x) or 'defaults'}`" for v, x in args.variants),
+                ""] if args.variants[0][0] else []),
              f"Machine: {json.dumps(versions())}", "",
-             "| configuration | images/s median | min-max | vs single process | "
-             "vs torch.pipelining 1F1B BP | per rank compute / recv wait / send wait |",
-             "|---|---|---|---|---|---|"]
+             "| configuration | images/s median | min-max | vs single process | vs BP | "
+             "vs torch.pipelining 1F1B BP | peak memory (MiB, per rank) | "
+             "per rank compute / recv wait / send wait |",
+             "|---|---|---|---|---|---|---|---|"]
     for label, s in summary.items():
         split = "; ".join(f"r{r}: {v['compute_frac']:.0%} / {v['recv_wait_frac']:.0%} / "
                           f"{v['send_wait_frac']:.0%}" for r, v in s["per_rank"].items())
         sp = f"{s['speedup_vs_single']:.2f}x" if s["speedup_vs_single"] else "-"
         bp = f"{s['ratio_vs_1f1b_bp']:.2f}x" if s["ratio_vs_1f1b_bp"] else "-"
+        vs_bp = f"{s['ratio_vs_bp']:.3f}x" if s.get("ratio_vs_bp") else "-"
+        mem = " / ".join(f"{b / 2**20:.0f}" for b in s.get("peak_memory_bytes") or []) or "-"
         lines.append(f"| {label} | {s['median']:.1f} | {s['min']:.1f}-{s['max']:.1f} | {sp} | "
-                     f"{bp} | {split or '-'} |")
+                     f"{vs_bp} | {bp} | {mem} | {split or '-'} |")
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(summary, args, base.with_suffix(".png"))
     return base
@@ -227,10 +244,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bp-microbatches", type=int, default=4)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--timeout", type=int, default=600)
+    p.add_argument("--variants", default="",
+                   help='run every configuration under each set of train overrides, e.g. '
+                        '"bf16=;fp32=--train.bf16=false" (NAME=FLAGS separated by ";", flags by '
+                        'spaces); labels get " [NAME]"')
+    p.add_argument("--name", default="", help="goes into the output file names")
     args = p.parse_args(argv)
     args.argv = argv
     args.methods = args.methods.split(",")
     args.ranks = [int(x) for x in args.ranks.split(",")]
+    args.variants = ([(v.partition("=")[0].strip(), tuple(v.partition("=")[2].split()))
+                      for v in args.variants.split(";") if v.strip()] or [("", ())])
     args.image = tuple(int(x) for x in args.image.split(","))
     if args.warmup % args.log_every:
         p.error("--warmup must be a multiple of --log-every")
@@ -246,16 +270,20 @@ def main(argv: list[str] | None = None) -> int:
             for i, (label, runner) in enumerate(confs):
                 res = runner(Path(tmp), f"r{rep}c{i}")
                 results[label].append(res)
+                graph = res.get("cuda_graph") or {}
                 console.print(f"repeat {rep + 1}/{args.repeats}  {label:<36} "
-                              f"{res['images_per_s']:8.1f} images/s")
+                              f"{res['images_per_s']:8.1f} images/s"
+                              + (f"  (CUDA graph: {graph['replayed_steps']} steps replayed)"
+                                 if graph.get("replayed_steps") else ""))
     summary = summarise(results)
     table = Table(title=f"Steady-state throughput, {args.model} K={args.K}, batch {args.batch}")
-    for col in ("configuration", "median img/s", "min-max", "vs single", "vs 1F1B BP",
-                "recv wait per rank"):
+    for col in ("configuration", "median img/s", "min-max", "vs single", "vs BP",
+                "vs 1F1B BP", "recv wait per rank"):
         table.add_column(col, justify="right")
     for label, s in summary.items():
         table.add_row(label, f"{s['median']:.1f}", f"{s['min']:.0f}-{s['max']:.0f}",
                       f"{s['speedup_vs_single']:.2f}x" if s["speedup_vs_single"] else "-",
+                      f"{s['ratio_vs_bp']:.3f}x" if s["ratio_vs_bp"] else "-",
                       f"{s['ratio_vs_1f1b_bp']:.2f}x" if s["ratio_vs_1f1b_bp"] else "-",
                       " ".join(f"{v['recv_wait_frac']:.0%}" for v in s["per_rank"].values())
                       or "-")

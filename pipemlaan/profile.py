@@ -256,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table3", action="store_true")
     p.add_argument("--imagenet-batch", type=int, default=16)
     p.add_argument("--json", help="also write the figures to this JSON file")
+    p.add_argument("--nets", default="", help="--table3 rows: models to keep, e.g. "
+                   "resnet34,resnet110 (default: all three)")
+    p.add_argument("--methods", default="", help="--table3 methods to keep, e.g. bp,dgl+mlaan "
+                   "(default: all five)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda: each rank's stage alone on the GPU (allocator peak, NVML, step "
                         "time) instead of the CPU accounting")
@@ -264,8 +268,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.table3:
             if args.device == "cuda" and not torch.cuda.is_available():
                 raise PipemlaanError("--device cuda but no CUDA device is visible")
-            rows = table3(args.ranks, args.batch or 128, args.imagenet_batch,
-                          device=torch.device(args.device), cfg_overrides=overrides)
+            nets = [n for n in TABLE3 if not args.nets or n[1] in args.nets.split(",")]
+            methods = [m for m in METHODS
+                       if not args.methods or m[0] in args.methods.split(",")]
+            if not nets or not methods:
+                raise PipemlaanError("--nets / --methods keep no row of Table 3: choose from "
+                                     f"{[n[1] for n in TABLE3]} and {[m[0] for m in METHODS]}")
+            rows = table3(args.ranks, args.batch or 128, args.imagenet_batch, methods=methods,
+                          nets=nets, device=torch.device(args.device), cfg_overrides=overrides)
             console.print(render_table3(rows, args.ranks))
             result = {"ranks": args.ranks, "rows": rows}
         else:
