@@ -174,10 +174,10 @@ def summary(setup, result: dict, train_time: float, images: int, wall: float, st
         for k, v in p["losses"].items():
             losses[k] = losses.get(k, 0.0) + v / layout.replicas
     slowest = max(p["train_time"] for p in parts)
-    skipped: dict[str, int] = {}    # replicas skip together: the same count on each
+    skipped: dict[int, int] = {}    # replicas skip together: the same count on each
     for p in parts:
         for k, n in p["skipped"].items():
-            skipped[str(k)] = max(skipped.get(str(k), 0), n)
+            skipped[k] = max(skipped.get(k, 0), n)
     return {
         "method": method_label(cfg.method), "model": cfg.model.name,
         "dataset": cfg.data.name, "K": K, "world_size": setup.env.world,
@@ -189,7 +189,7 @@ def summary(setup, result: dict, train_time: float, images: int, wall: float, st
         "final_train_loss_per_module": [losses.get(k) for k in range(K)],
         # train.nonfinite=skip: updates dropped per module because a loss or gradient was
         # not finite
-        "skipped_updates": dict(sorted(skipped.items(), key=lambda kv: int(kv[0]))),
+        "skipped_updates": {str(k): n for k, n in sorted(skipped.items())},
         "param_checksum": sum(p["param_sum"] for p in parts[:layout.stages]),
         # replicas of a stage must agree: a difference means they drifted apart
         "param_checksum_per_rank": [p["param_sum"] for p in parts],

@@ -303,11 +303,11 @@ class Stage:
         bad = ~finite
         # in place: a captured graph updates these very tensors on every replay
         self._skips[k].add_(bad)
+        # where, not masked_fill_: with the graph's step tensor as its value that may read it
+        # on the host
         first = self._first_bad[k]
-        if self._step_dev is None:
-            first.masked_fill_(bad & (first < 0), step)
-        else:       # where, not masked_fill_ with a tensor value: that may read it on the host
-            first.copy_(torch.where(bad & (first < 0), self._step_dev, first))
+        at = step if self._step_dev is None else self._step_dev
+        first.copy_(torch.where(bad & (first < 0), at, first))
         return finite
 
     @property
