@@ -19,6 +19,20 @@ from rich.table import Table
 console = Console(stderr=False)
 
 
+def deepest_loss(record: dict) -> float | None:
+    """The loss of the deepest module in a train record that has one; None when none of the
+    rank's modules has a loss of its own (the headless first modules of the reference plan,
+    a rank whose last module is trained only through a window)."""
+    for k in reversed(record["modules"]):
+        if str(k) in record["losses"]:
+            return record["losses"][str(k)]
+    return None
+
+
+def _fmt_loss(loss: float | None) -> str:
+    return "no head" if loss is None else f"{loss:.3f}"
+
+
 class NullView:
     def start(self, total: int, done: int) -> None: ...
     def update(self, step: int, record: dict) -> None: ...
@@ -62,25 +76,27 @@ class LiveView(NullView):
 
     def _render(self):
         table = Table(box=None, pad_edge=False, header_style="dim")
-        for col in ("rank", "modules", "img/s", "compute", "recv wait", "send wait", "loss (last module)"):
+        for col in ("rank", "modules", "img/s", "compute", "recv wait", "send wait", "loss (deepest head)"):
             table.add_column(col, justify="right")
         for r in sorted(self.rows):
             rec = self.rows[r]
             mods = rec["modules"]
-            last_loss = rec["losses"].get(str(mods[-1]), float("nan"))
             table.add_row(str(r), f"{mods[0]}-{mods[-1]}", f"{rec['images_per_s']:.0f}",
                           f"{rec['compute_frac']:.0%}", f"{rec['recv_wait_frac']:.0%}",
-                          f"{rec['send_wait_frac']:.0%}", f"{last_loss:.3f}")
+                          f"{rec['send_wait_frac']:.0%}", _fmt_loss(deepest_loss(rec)))
         return Group(self.progress, table) if self.world > 1 else self.progress
 
     def update(self, step: int, record: dict) -> None:
         self._poll()
         if record:
             self.rows[record["rank"]] = record
-            losses = record["losses"]
-            last = losses[str(record["modules"][-1])]
+            # the deepest loss any rank has reported: the network's own once the last rank's
+            # lines arrive, rank 0's deepest head before that
+            losses = [deepest_loss(self.rows[r]) for r in sorted(self.rows, reverse=True)]
+            loss = next((v for v in losses if v is not None), None)
             self.progress.update(self.task, completed=step,
-                                 info=f"{record['images_per_s']:.0f} img/s  loss {last:.3f}")
+                                 info=f"{record['images_per_s']:.0f} img/s  loss "
+                                      f"{_fmt_loss(loss)}")
         else:
             self.progress.update(self.task, completed=step)
         if self.live:
@@ -90,6 +106,8 @@ class LiveView(NullView):
         if self.live:
             self.live.stop()
             self.live = None
+            if not console.is_terminal:     # rich leaves the last frame's line open there
+                console.line()
 
 
 def results_table(summary: dict) -> Table:

@@ -48,9 +48,11 @@ CHANCE_ERROR = 100.0 * (1 - 1 / NUM_CLASSES)
 # tests give every module a head (method.first_modules_head) so that every rank count works,
 # and the compact heads keep them fast (the machinery does not depend on the head kind);
 # REF_PLAN runs check the defaults, heads and plan, where they fit.
+# The live view stays on (the default, rendered without a terminal): a user's pipeline runs
+# with it, and a record it cannot show (a rank without a loss of its own) must fail here.
 TINY_PLAN = ["--data.name=synthetic", "--data.synthetic_image=[3,8,8]", "--model.name=resnet8",
-             f"--model.K={K}", f"--train.batch_size={BATCH}", "--run.progress=false",
-             "--run.log_every=1", "--train.device=cpu"]
+             f"--model.K={K}", f"--train.batch_size={BATCH}", "--run.log_every=1",
+             "--train.device=cpu"]
 TINY = [*TINY_PLAN, "--method.first_modules_head=true", "--method.heads=compact"]
 
 LOCK_SAMPLES, LOCK_EPOCHS = 128, 2
@@ -156,6 +158,16 @@ for _m in DP_METHODS:
 TRAIN_RUNS["ref-lr002-bp"] = (1, [*LOCKSTEP, *BP, *DP_LR])
 TRAIN_RUNS["dp-2x1-bp"] = (2, [*LOCKSTEP, *BP, *DP_LR, *DP_SYNC])
 TRAIN_RUNS["dp-2x2-async"] = (4, [*ASYNC, *MLAAN, "--pipeline.replicas=2"])
+
+# What a user runs first: every default (ResNet-20, K=4, the reference heads and plan, async,
+# the live view on) but the data's size, for every method mix on 2 and 4 ranks.
+USED_BY = ["--data.name=synthetic", "--data.synthetic_image=[3,8,8]", "--data.synthetic_size=64",
+           "--data.test_subset=32", "--train.batch_size=16", "--train.epochs=2",
+           "--run.log_every=1", "--train.device=cpu"]
+VIEW_RANKS = [2, 4]
+for _m, _margs in METHODS.items():
+    for _n in VIEW_RANKS:
+        TRAIN_RUNS[f"defaults-{_m}-{_n}"] = (_n, [*USED_BY, *_margs])
 
 # checkpoint + resume on another number of ranks: (ranks, overrides) of each launch, one run dir
 RESUME_2_THEN_4 = [(2, [*LOCKSTEP, *MLAAN, f"--train.max_steps={LOCK_STEPS_PER_EPOCH}"]),

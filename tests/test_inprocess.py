@@ -47,7 +47,7 @@ from pipemlaan.local.module import build_local_modules
 
 from runs import (ASYNC_CASES, ASYNC_LAM, ASYNC_STEPS, CHANCE_ERROR, DP_LAYOUTS, DP_METHODS,
                   EMULATED_CASES, K, LOCK_EPOCHS, LOCK_RANKS, LOCK_STEPS, LOCK_STEPS_PER_EPOCH,
-                  METHODS, REF_PLAN, WINDOW3_K, WINDOW3_PARTITION, assert_losses_match,
+                  METHODS, REF_PLAN, USED_BY, VIEW_RANKS, WINDOW3_K, WINDOW3_PARTITION, assert_losses_match,
                   assert_params_identical, assert_params_match, check_async_trains,
                   check_evaluation_equals_single_process, check_lockstep_equals_single_process,
                   check_per_rank_metrics, check_replicas_equal_single_process,
@@ -98,6 +98,30 @@ def test_lam_sync_interval_lockstep_equals_single_process(runs, ranks):
     every_step = runs.get("ref-dgl+mlaan")
     assert states_differ(ref, every_step, K), \
         "pipeline.lam_sync_every=3 gave the same weights as lam_sync_every=1"
+
+
+# ---- the defaults, live view on -------------------------------------------------------------
+@pytest.mark.parametrize("ranks", VIEW_RANKS)
+@pytest.mark.parametrize("method", list(METHODS))
+@needs(lambda method, ranks: [f"defaults-{method}-{ranks}"])
+def test_every_method_mix_runs_with_the_defaults_and_the_live_view(runs, method, ranks):
+    """Every default but the data's size, the live view on: a rank whose modules have no loss
+    of their own (the reference plan's headless first module, a rank whose last module learns
+    only through a window) once ended such runs at their first log line."""
+    got = runs.get(f"defaults-{method}-{ranks}")
+    summary = got.summary()
+    assert summary["world_size"] == ranks and summary["steps"] == 8, got.describe()
+    cfg = load_config(None, [*USED_BY, *METHODS[method]])
+    _, mods = build_local_modules(cfg, dataset_spec(cfg.data))
+    headless = [m.index for m in mods if m.g is None and m.index != len(mods) - 1]
+    assert [k for k, e in enumerate(summary["per_module_test_error"]) if e is None] == headless
+    if "mlm" in method or "mlaan" in method:
+        assert headless == [0], "the reference plan leaves module 0 without a head"
+    # the view's last frame: one row per rank, a loss or "no head" in each
+    rows = [line.split() for line in got.stdout.splitlines()
+            if line.split()[:1] and line.split()[0].isdigit() and "-" in line.split()[1]]
+    assert sorted({int(r[0]) for r in rows}) == list(range(ranks)), got.describe()
+    assert all(r[-1] == "head" or float(r[-1]) >= 0 for r in rows), got.describe()
 
 
 # ---- evaluation through the pipeline -------------------------------------------------------
