@@ -65,6 +65,34 @@ def test_dgl_star_heads_are_the_reference_auxdgl():
     assert logits.shape == (4, 10) and loss.ndim == 0
 
 
+def _conv_input_sizes(head: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
+    seen = []
+    hooks = [c.register_forward_pre_hook(lambda _, a: seen.append(tuple(a[0].shape[-2:])))
+             for c in layers(head, nn.Conv2d)]
+    head.eval()
+    head(x, torch.zeros(x.shape[0], dtype=torch.long))
+    for hk in hooks:
+        hk.remove()
+    return seen
+
+
+def test_dgl_star_head_pools_to_8x8_first_as_the_authors_forward():
+    """auxDGL's forward pools to 8x8 before its convolutions (MAN_PlusPlus
+    Exp_on_CIFAR-SVHN-STL/networks/auxDGL.py; MLAAN commit 2dd0183, commented out there for a
+    ViT run): at full resolution the head alone outweighs the blocks it supervises."""
+    torch.manual_seed(0)
+    head = AuxDGLHead(16, 10)
+    x = torch.randn(2, 16, 32, 32)
+    assert _conv_input_sizes(head, x) == [(8, 8)] * 3
+    # the same logits as the head on a map pooled by hand: pooling, not cropping or striding
+    ref = head.mlp(torch.flatten(nn.functional.adaptive_avg_pool2d(
+        head.features(nn.functional.avg_pool2d(x, 4)), 1), 1))
+    assert torch.allclose(head.logits(x), ref, atol=1e-6)
+    # a map already at most 8x8 is not stretched (Fashion-MNIST's last stage is 7x7)
+    assert _conv_input_sizes(head, torch.randn(2, 16, 7, 7)) == [(7, 7)] * 3
+    assert _conv_input_sizes(head, torch.randn(2, 16, 28, 28)) == [(8, 8)] * 3
+
+
 def test_plain_dgl_uses_the_reference_dgl_baseline_head():
     _, _, mods = build("--data.name=cifar10", "--model.name=resnet32", "--model.K=16",
                        "--method.name=dgl", "--method.mlm=false", "--method.lam=false")

@@ -3,7 +3,8 @@
 Two families, chosen by `method.heads` ([Note: head kinds] in local/module.py says which head
 each method gets):
 - **reference** (default), the heads of the authors' code:
-  - `AuxDGLHead` (CIFAR `auxDGL`): three 1x1 conv+BN+ReLU to 128 channels, global pooling,
+  - `AuxDGLHead` (CIFAR `auxDGL`): average pooling to at most 8x8, three 1x1 conv+BN+ReLU to
+    128 channels, global pooling,
     three 512-wide linear+BatchNorm1d+ReLU layers, the classifier;
   - `ConvFCHead` (InfoPro's `AuxClassifier`, config "1c2f"): one 3x3 conv+BN+ReLU (stride 2
     while the channels double), global pooling, linear to 128, ReLU, the classifier;
@@ -76,7 +77,12 @@ class DGLHead(_CrossEntropyHead):
 
 
 class AuxDGLHead(_CrossEntropyHead):
-    """The reference DGL* head (CIFAR `auxDGL.py`, feature_dim 128)."""
+    """The reference DGL* head (CIFAR `auxDGL.py`, feature_dim 128). Its input is first
+    average-pooled to at most 8x8, as the authors' `forward` does
+    (`F.adaptive_avg_pool2d(x, (8, 8))`): the 128-channel convolutions then cost the same on
+    every stage, and the head far less than the blocks it supervises (docs: the DGL* head)."""
+
+    POOL = 8
 
     def __init__(self, cin: int, num_classes: int, feature_dim: int = 128):
         super().__init__()
@@ -89,6 +95,11 @@ class AuxDGLHead(_CrossEntropyHead):
         self.mlp = nn.Sequential(*layers, nn.Linear(wide, num_classes))
 
     def logits(self, x):
+        # never up: a map already at most 8x8 (the last CIFAR stage, 7x7 on 28x28 images)
+        # goes in unchanged, where adaptive pooling to 8x8 would stretch it
+        size = (min(x.shape[-2], self.POOL), min(x.shape[-1], self.POOL))
+        if size != tuple(x.shape[-2:]):
+            x = F.adaptive_avg_pool2d(x, size)
         return self.mlp(_pool(self.features(x)))
 
 
