@@ -36,15 +36,30 @@ from benchmarks import methods
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
+# The MLM plan of an MLAAN variant: "dgl+mlaan:ref" (the modules before the first window have no
+# head, the reference code's plan) or "dgl+mlaan:headed" (every module has one). Every run names
+# its plan explicitly, so a later change of the library's default does not change the runs.
+PLANS = {"ref": "false", "headed": "true"}
+
+
+def plan_flags(variant: str) -> tuple[str, list[str]]:
+    """'dgl+mlaan:headed' -> ('dgl+mlaan', [its flags]); a bare label takes the reference plan."""
+    label, _, plan = variant.partition(":")
+    if plan and plan not in PLANS:
+        raise ValueError(f"unknown plan {plan!r} in {variant!r}: use {' or '.join(PLANS)}")
+    return label, [*methods.flags(label),
+                   f"--method.first_modules_head={PLANS[plan or 'ref']}"]
+
+
 def run(args, method: str, seed: int, ranks: int, workdir: Path, extra: tuple = (),
         tag: str = "") -> dict:
-    name = (f"{method}-s{seed}-r{ranks}" + (f"-mb{args.microbatches}" if ranks > 1 else "")
-            + tag)
+    name = (f"{method.replace(':', '-')}-s{seed}-r{ranks}"
+            + (f"-mb{args.microbatches}" if ranks > 1 else "") + tag)
     flags = [f"--model.name={args.model}", f"--model.K={args.K}", "--data.name=fashion_mnist",
              f"--train.epochs={args.epochs}", f"--train.batch_size={args.batch}",
              f"--train.lr={args.lr}", f"--train.seed={seed}", f"--run.dir={workdir}",
              f"--run.name={name}", "--run.progress=false", "--run.log_every=50",
-             "--run.overwrite=true", *methods.flags(method), *extra]
+             "--run.overwrite=true", *plan_flags(method)[1], *extra]
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
     env = {**os.environ}
@@ -167,8 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                     "dgl+mlaan", ("--pipeline.emulate_async=[1,1,1,1]",
                                   f"--pipeline.microbatches={mb}"), f"-emulate4-mb{mb}")
         with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {m: [pool.submit(run, args, m, s, args.ranks, Path(tmp)) for s in seeds]
-                       for m in chosen}
+            # seed by seed: a study cut short still has every method on its first seeds
+            futures = {m: [] for m in chosen}
+            for s in seeds:
+                for m in chosen:
+                    futures[m].append(pool.submit(run, args, m, s, args.ranks, Path(tmp)))
             if args.staleness_check:
                 label, m, extra, tag = emulated
                 futures[label] = [pool.submit(run, args, m, s, 1, Path(tmp), extra, tag)
