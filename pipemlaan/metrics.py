@@ -1,5 +1,5 @@
-"""Measurements: memory per rank, step timings, the metrics.jsonl writer, and the records a
-run writes (a training window's line, summary.json).
+"""Measurements: memory per rank, the metrics.jsonl writer, and profiler traces of chosen steps.
+What a run's records hold (a training window's line, summary.json) is engine/records.py's.
 
 Memory on CPU is device-independent and comparable across methods: the peak bytes of tensors
 that autograd saved for backward (counted through saved-tensor hooks, each storage once, while
@@ -118,83 +118,6 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-# ---- the records a run writes ----------------------------------------------------------------
-def memory(setup) -> dict:
-    """This rank's peak memory: the CPU figure (saved tensors + state), or CUDA's allocator."""
-    stage = setup.stage
-    static = state_bytes(list(stage.modules.values()), stage.optimizers.values())
-    out = {"peak_memory_bytes": setup.tracker.peak + static}
-    out.update(cuda_memory(setup.env.device))
-    if "cuda_max_allocated" in out:
-        out["peak_memory_bytes"] = out["cuda_max_allocated"]
-    return out
-
-
-def train_record(setup, clock, step: int, epoch: int, lr: float, images_per_s: float,
-                 elapsed: float) -> dict:
-    """One metrics.jsonl line for a logging window of `elapsed` seconds on this rank; `clock`
-    (engine/p2p.py WaitClock) holds the window's compute and wait seconds."""
-    recv, send, compute = (clock.seconds(k) for k in ("recv", "send", "compute"))
-    layout = setup.layout
-    return {
-        "kind": "train", "step": step, "epoch": epoch, "rank": setup.env.rank,
-        "replica": layout.replica, "stage": layout.stage, "modules": setup.stage.indices,
-        "lr": lr, "losses": {str(k): float(v) for k, v in setup.stage.losses.items()},
-        "images_per_s": images_per_s, "compute_frac": compute / elapsed,
-        "recv_wait_s": recv, "send_wait_s": send,
-        "recv_wait_frac": recv / elapsed, "send_wait_frac": send / elapsed,
-        "activation_bytes": setup.tracker.peak, **memory(setup),
-    }
-
-
-def summary(setup, result: dict, train_time: float, images: int, wall: float, step: int,
-            epoch: int) -> dict | None:
-    """summary.json's content (DESIGN.md's contract), gathered from every rank; on rank 0."""
-    from pipemlaan.config import method_label
-    from pipemlaan.engine.distributed import gather_all
-    cfg, stage, layout = setup.cfg, setup.stage, setup.layout
-    K = len(setup.all_modules)
-    backbone_sum = 0.0
-    for m in stage.modules.values():
-        for p in m.body.parameters():
-            backbone_sum += p.detach().double().sum().item()
-        if m.index == K - 1:
-            for p in m.h.parameters():
-                backbone_sum += p.detach().double().sum().item()
-    mine = {"losses": {k: float(v) for k, v in stage.losses.items()},
-            "param_sum": backbone_sum, "train_time": train_time, "skipped": stage.skipped,
-            "activation_bytes": setup.tracker.peak, **memory(setup)}
-    parts = gather_all(setup.env, mine)
-    if setup.env.rank != 0:
-        return None
-    losses = {}     # each replica's loss is over its slice: the global batch's is the mean
-    for p in parts:
-        for k, v in p["losses"].items():
-            losses[k] = losses.get(k, 0.0) + v / layout.replicas
-    slowest = max(p["train_time"] for p in parts)
-    skipped: dict[int, int] = {}    # replicas skip together: the same count on each
-    for p in parts:
-        for k, n in p["skipped"].items():
-            skipped[k] = max(skipped.get(k, 0), n)
-    return {
-        "method": method_label(cfg.method), "model": cfg.model.name,
-        "dataset": cfg.data.name, "K": K, "world_size": setup.env.world,
-        "replicas": layout.replicas, "stages": layout.stages, "partition": setup.partition,
-        "mode": cfg.pipeline.mode, "epochs": epoch, "steps": step, **result,
-        "images_per_s": images / slowest if slowest > 0 else 0.0, "wall_s": wall,
-        "peak_memory_bytes": [p["peak_memory_bytes"] for p in parts],
-        "activation_bytes": [p["activation_bytes"] for p in parts],
-        "final_train_loss_per_module": [losses.get(k) for k in range(K)],
-        # train.nonfinite=skip: updates dropped per module because a loss or gradient was
-        # not finite
-        "skipped_updates": {str(k): n for k, n in sorted(skipped.items())},
-        "param_checksum": sum(p["param_sum"] for p in parts[:layout.stages]),
-        # replicas of a stage must agree: a difference means they drifted apart
-        "param_checksum_per_rank": [p["param_sum"] for p in parts],
-        "device": str(setup.env.device),
-    }
 
 
 class StepTracer:

@@ -3,7 +3,9 @@
 Runs alone (one process owns every local module) or under torchrun, one pipeline stage per
 rank: `torchrun --nproc_per_node=4 -m pipemlaan.train --config configs/X.toml`.
 A configuration or data problem prints one line naming the fix and exits with status 2; a
-failure of the pipeline (a dead or stalled peer) exits with status 1.
+failure of the pipeline (a dead or stalled peer) exits with status 1; a run stopped by SIGTERM
+or SIGUSR1 (a preempted job) ends every rank at an agreed step with a checkpoint and exits with
+status 75, resumable with --run.resume=true (engine/preempt.py).
 """
 
 from __future__ import annotations
@@ -39,17 +41,25 @@ def main(argv: list[str] | None = None) -> int:
         print(describe())
         return 0
     from pipemlaan.engine.distributed import cleanup, init_distributed
-    env, finished = None, False
+    from pipemlaan.engine.preempt import PREEMPTED_EXIT, StopRequest, install
+    env, stop = None, StopRequest()
     try:
         cfg = load_config(args.config, overrides)
         env = init_distributed(cfg)
+        install(stop, env.rank)
         from pipemlaan.engine.trainer import Trainer
-        trainer = Trainer(cfg, env)
+        trainer = Trainer(cfg, env, stop)
         try:
             trainer.train()
-            finished = True
         finally:
             trainer.close()
+        if trainer.preempted:
+            if env.rank == 0:
+                sys.stderr.write(
+                    f"pipemlaan: preempted ({stop.reason or 'by another rank'}) when "
+                    f"{trainer.step} steps were done, with a checkpoint there: run the same "
+                    f"command with --run.resume=true to go on\n")
+            return PREEMPTED_EXIT
     except (ConfigError, DataError) as e:
         return _fail(str(e), 2)
     except PipemlaanError as e:
@@ -59,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"disk space or choose another --run.dir", 1)
     finally:
         if env is not None:
-            cleanup(env, finished)
+            cleanup(env)
     return 0
 
 

@@ -16,18 +16,25 @@ import torch
 from pipemlaan.config import load_config
 from pipemlaan.engine.comm import HostStagedComm, LocalComm, LocalWorld
 from pipemlaan.engine.distributed import DistEnv
+from pipemlaan.engine.preempt import StopRequest
+from pipemlaan.engine.record import RecordingComm
 from pipemlaan.metrics import read_metrics
 
 
 def run_ranks(overrides: list[str], world: int, timeout_s: float = 120.0,
-              host_staged: bool = False) -> dict:
+              host_staged: bool = False, record_dir: Path | None = None,
+              stop_ranks: tuple[int, ...] = ()) -> dict:
     """Trains with `world` ranks (`host_staged`: every tensor exchanged goes through a host
-    buffer, as on ranks that share a GPU: engine/comm.py HostStagedComm); returns {"summary": rank 0's summary, "metrics": every
-    metrics.jsonl record, "run_dir": the run folder}. A rank's exception is re-raised (the
-    first one that is not a consequence of another rank's failure)."""
+    buffer, as on ranks that share a GPU: engine/comm.py HostStagedComm); returns
+    {"summary": rank 0's summary, "metrics": every metrics.jsonl record, "run_dir": the run
+    folder, "stopped_at": where a stop was agreed, or None}. `record_dir`: every rank's calls
+    to the others are recorded there (engine/record.py). `stop_ranks`: these ranks were asked
+    to stop before the run began, as a SIGTERM would (engine/preempt.py). A rank's exception is
+    re-raised (the first one that is not a consequence of another rank's failure)."""
     shared = LocalWorld(world, timeout_s)
     results: list = [None] * world
     errors: list = [None] * world
+    stopped: list = [None] * world
     cfg0 = load_config(None, overrides)
 
     def worker(rank: int) -> None:
@@ -37,13 +44,21 @@ def run_ranks(overrides: list[str], world: int, timeout_s: float = 120.0,
             comm = LocalComm(shared, rank) if world > 1 else None
             if comm is not None and host_staged:
                 comm = HostStagedComm(comm, stage_all=True)
+            if comm is not None and record_dir is not None:
+                comm = RecordingComm(comm, Path(record_dir) / f"rank{rank}.jsonl")
             env = DistEnv(rank, world, rank, torch.device("cpu"),
                           "local" if world > 1 else None, comm)
-            trainer = Trainer(cfg, env)
+            stop = StopRequest()
+            if rank in stop_ranks:
+                stop.set("a test")
+            trainer = Trainer(cfg, env, stop)
             try:
                 results[rank] = trainer.train()
+                stopped[rank] = stop.at_step
             finally:
                 trainer.close()
+                if isinstance(comm, RecordingComm):
+                    comm.close()
         except BaseException as e:  # noqa: BLE001 - handed to the caller below
             errors[rank] = e
             shared.fail(f"rank {rank} raised {type(e).__name__}: {e}")
@@ -61,5 +76,6 @@ def run_ranks(overrides: list[str], world: int, timeout_s: float = 120.0,
         first = next((e for e in failed if "raised" not in str(e)), failed[0])
         raise first
     run_dir = Path(cfg0.run_dir)
+    assert len(set(stopped)) == 1, f"the ranks stopped at different steps: {stopped}"
     return {"summary": results[0], "metrics": read_metrics(run_dir / "metrics.jsonl"),
-            "run_dir": run_dir}
+            "run_dir": run_dir, "stopped_at": stopped[0]}

@@ -44,7 +44,7 @@ BATCH = 16
 NUM_CLASSES = 10             # the synthetic dataset's classes
 CHANCE_ERROR = 100.0 * (1 - 1 / NUM_CLASSES)
 # resnet8 with K=4 puts the stem in a module of its own. Under the reference plan (the default)
-# the first window then covers modules 0-2, which 3 or 4 ranks cannot hold; the pipeline
+# the first window then covers modules 0-2, which 4 ranks cannot hold; the pipeline
 # tests give every module a head (method.first_modules_head) so that every rank count works,
 # and the compact heads keep them fast (the machinery does not depend on the head kind);
 # REF_PLAN runs check the defaults, heads and plan, where they fit.

@@ -155,3 +155,28 @@ def test_describe_mentions_every_rank_and_its_modules(counts):
         assert f"modules {start}-{start + n - 1}" in text
         start += n
     assert f"rank {len(counts)}:" not in text
+
+
+def test_too_many_stages_names_the_nearest_choices():
+    """ResNet-8 with the stem alone (K=4) under the reference plan: the first window covers
+    modules 0-2, so 4 stages cannot hold it; the error names 3 stages, and for ResNet-14 on 4
+    stages the smallest K that works."""
+    from pipemlaan.config import load_config
+    from pipemlaan.engine.setup import _check_stages_fit
+    from pipemlaan.errors import ConfigError
+    from pipemlaan.local.module import window_plan
+
+    def message(*overrides: str, stages: int) -> str:
+        cfg = load_config(None, ["--data.name=synthetic", *overrides])
+        plan = window_plan(cfg, cfg.model.K)
+        with pytest.raises(ConfigError) as info:
+            _check_stages_fit(cfg, stages, cfg.model.K, window_spans(plan))
+        return str(info.value)
+
+    msg = message("--model.name=resnet8", "--model.K=4", stages=4)
+    assert "at most 3 stage(s) for this K" in msg and "no model.K of resnet8" in msg, msg
+    msg = message("--model.name=resnet14", "--model.K=3", "--method.window=3", stages=3)
+    assert "at most 2 stage(s)" in msg and "model.K=4 or more on 3 stages" in msg, msg
+    cfg = load_config(None, ["--data.name=synthetic", "--model.name=resnet14", "--model.K=4",
+                             "--method.window=3"])
+    _check_stages_fit(cfg, 3, 4, window_spans(window_plan(cfg, 4)))      # fits: no error

@@ -119,6 +119,70 @@ def test_resumed_and_finished_runs_are_deadlock_free():
             assert res.ok, f"start={start}: {res.describe()}"
 
 
+# ---- the stop agreement ([Note: stop agreement]) ---------------------------------------------
+LONG, LONG_EPOCH = 36, 12     # long enough for a stop after the rounds' delay D
+
+
+def _stopped(spec, agreed_at: int):
+    end = agreed_at + spec.stop_lead
+    return spec.with_end(end), run_events(steps_per_epoch=LONG_EPOCH, total_steps=LONG,
+                                          start=0, eval_every=1, checkpoint_every=1,
+                                          checkpoint_steps=5, stop_at=end), end
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "async-2", "async-3"])
+def test_stopped_runs_are_deadlock_free(mode):
+    """A stop agreed at any boundary: the run with its end moved there, drain, checkpoint,
+    LAM finish, the rounds in flight and the barrier at exit, under both rules."""
+    lockstep = mode == "lockstep"
+    M = 1 if lockstep else int(mode.split("-")[1])
+    checked = 0
+    for method, stages, replicas, lam_every in [("dgl+mlaan", 4, 1, 1), ("dgl+mlaan", 3, 2, 2),
+                                                ("infopro+mlaan", 2, 1, 2), ("dgl", 3, 1, 1)]:
+        spec = spec_for(method, 2, stages, replicas, lockstep, M, lam_every).with_end(LONG)
+        for agreed_at in range(spec.stop_delay + 1, LONG - spec.stop_lead, 2):
+            stopped, events, end = _stopped(spec, agreed_at)
+            assert events[-1].kind == "preempted" and events[-1].a == end
+            for rules in ("nccl", "gloo"):
+                res = simulate_run(stopped, events, eval_batches=2, rules=rules,
+                                   nonfinite_stop=True)
+                assert res.ok, f"{method} {stages}x{replicas} {mode} stop at {end}: " \
+                               f"{res.describe()}"
+                checked += 1
+    assert checked >= 10
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "async-2", "async-3"])
+def test_a_stop_does_not_change_the_steps_before_it(mode):
+    """Every rank learns of the stop at boundary f, after its steps up to f-1 ran under the
+    old end: those steps' actions must be the ones the moved end gives, or the run would not
+    be the program the simulator proves."""
+    lockstep = mode == "lockstep"
+    M = 1 if lockstep else int(mode.split("-")[1])
+    spec = spec_for("dgl+mlaan", 2, 4, 1, lockstep, M, lam_every=2).with_end(LONG)
+    for agreed_at in range(1, LONG - spec.stop_lead):
+        stopped, _, end = _stopped(spec, agreed_at)
+        for r in range(spec.world):
+            before, after = RankSchedule(spec, r), RankSchedule(stopped, r)
+            assert before.lam_start() == after.lam_start()
+            for t in range(agreed_at):
+                a = (t // LONG_EPOCH) * LONG_EPOCH
+                b = min(a + LONG_EPOCH, LONG)
+                assert before.step(t, a, b) == after.step(t, a, min(b, end)), \
+                    f"rank {r} step {t} differs with the end moved to {end}"
+
+
+def test_a_shorter_lead_would_change_the_past():
+    """Negative control for the lead L: ending the run right at the boundary where the stop
+    is agreed changes actions already taken (receives posted M steps ahead)."""
+    spec = spec_for("dgl+mlaan", 2, 2, 1, False, 2)
+    agreed_at = 7
+    short = spec.with_end(agreed_at)
+    before, after = RankSchedule(spec, 1), RankSchedule(short, 1)
+    assert any(before.step(t, 5, 10) != after.step(t, 5, min(10, agreed_at))
+               for t in range(5, agreed_at))
+
+
 def test_ema_only_last_and_long_runs_are_deadlock_free():
     spec = spec_for("dgl+mlaan", 2, 4, 1, False, 3, ema_only_last=True)
     assert len(spec.lam_flows) <= 1

@@ -26,6 +26,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pipemlaan.engine.schedule import STOP
 from pipemlaan.engine.watchdog import peer_failure
 from pipemlaan.errors import PipelineError
 
@@ -48,6 +49,10 @@ class Comm:
     def all_reduce(self, tensor: torch.Tensor, group: str, what: str) -> None:
         raise NotImplementedError
 
+    def start_all_reduce(self, tensor: torch.Tensor, group: str):
+        """Starts a sum all-reduce of a host tensor without blocking; `wait` on the result."""
+        raise NotImplementedError
+
     def all_gather_object(self, obj) -> list:
         raise NotImplementedError
 
@@ -56,6 +61,10 @@ class Comm:
 
     def barrier(self) -> None:
         raise NotImplementedError
+
+    def doing(self, action) -> None:
+        """The trainer's dispatcher names the schedule action it executes (None: none); only
+        engine/record.py's recorder keeps it."""
 
 
 class TorchComm(Comm):
@@ -69,8 +78,10 @@ class TorchComm(Comm):
         for name, members in groups.items():
             if name == "world" or name in self.groups:
                 continue
-            # every rank creates every group, in the same order (torch.distributed's rule)
-            g = dist.new_group(list(members))
+            # every rank creates every group, in the same order (torch.distributed's rule);
+            # the stop agreement's rounds run on the host, even beside NCCL (schedule.py
+            # [Note: stop agreement])
+            g = dist.new_group(list(members), backend="gloo" if name == STOP else None)
             if self.rank in members:
                 self.groups[name] = g
                 self._members[name] = members
@@ -93,6 +104,12 @@ class TorchComm(Comm):
     def all_reduce(self, tensor, group, what):
         work = dist.all_reduce(tensor, group=self.groups[group], async_op=True)
         self.wait(work, None, what)
+
+    def start_all_reduce(self, tensor, group):
+        try:
+            return dist.all_reduce(tensor, group=self.groups[group], async_op=True)
+        except RuntimeError as e:
+            raise peer_failure(self.rank, f"starting a collective on {group}", None, e) from e
 
     def all_gather_object(self, obj):
         out = [None] * self.world
@@ -137,6 +154,12 @@ class HostStagedComm(Comm):
 
     def create_groups(self, groups):
         self.inner.create_groups(groups)
+
+    def start_all_reduce(self, tensor, group):
+        return _StagedWork(self.inner.start_all_reduce(tensor, group), None)
+
+    def doing(self, action):
+        self.inner.doing(action)
 
     def post(self, ops):
         staged, copies = [], []
@@ -279,6 +302,21 @@ class LocalComm(Comm):
         for p in parts[1:]:
             total += p
         tensor.copy_(total)
+
+    def start_all_reduce(self, tensor, group):
+        n = self._rounds[group]
+        self._rounds[group] += 1
+        key, members = (group, n), self.members[group]
+        with self.w.cond:
+            self.w.rounds.setdefault(key, {})[self.rank] = tensor.detach().clone()
+            self.w.cond.notify_all()
+
+        def finish():
+            self.w.wait_for(lambda: len(self.w.rounds[key]) == len(members), self.rank,
+                            f"waiting for round {n} on {group}")
+            total = sum(self.w.rounds[key][m] for m in members)
+            tensor.copy_(total)
+        return _LocalWork(finish)
 
     def all_gather_object(self, obj):
         return self._collective("world", obj, "exchanging results with every rank")

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from pipemlaan.config import Config
 from pipemlaan.engine.comm import Comm, HostStagedComm, TorchComm
 from pipemlaan.engine import watchdog
+from pipemlaan.engine.record import RecordingComm, maybe_record
 from pipemlaan.errors import ConfigError, PipelineError, PipemlaanError
 from pipemlaan.ui import console
 
@@ -80,7 +81,7 @@ def init_distributed(cfg: Config) -> DistEnv:
         watchdog.start(rank, world)
         comm = TorchComm(rank, world, cfg.pipeline.timeout_s)
         return DistEnv(rank, world, local_rank, device, backend,
-                       HostStagedComm(comm) if staged else comm)
+                       maybe_record(HostStagedComm(comm) if staged else comm))
     return DistEnv(rank, world, local_rank, device, backend)
 
 
@@ -127,17 +128,14 @@ def _attempt_store(world: int, timeout: timedelta):
     return dist.PrefixStore(f"pipemlaan/attempt_{attempt}", base)
 
 
-def cleanup(env: DistEnv, finished: bool = False) -> None:
-    """Tears down the process group. After a finished run every rank first meets at a barrier
-    so that no rank's last collective is still in flight; after a failure it does not wait
+def cleanup(env: DistEnv) -> None:
+    """Tears down the process group. A finished run's last action was the schedule's barrier
+    at exit, so no rank's last collective is still in flight; after a failure nothing waits
     (the peers may be dead or stuck), so the failing rank exits at once."""
     watchdog.stop()
+    if isinstance(env.comm, RecordingComm):
+        env.comm.close()
     if env.backend in ("gloo", "nccl") and dist.is_initialized():
-        if finished:
-            try:
-                dist.barrier()
-            except RuntimeError:
-                pass
         dist.destroy_process_group()
 
 

@@ -21,6 +21,14 @@ reports completion until it is waited on, so the twins would never move.)
 A single process that emulates an async pipeline (pipeline.emulate_async, engine/stage.py
 [Note: emulated staleness]) gives each twin the same lag through `lags`: it keeps the
 snapshots of the last `lag` sync steps and hands the twin the one the pipeline would.
+
+[Note: LAM history] An owner keeps the live weights it published (or, emulating, would have
+published) at the last `keep` steps' sync steps, recorded after each step's own work and before
+a drain, and a checkpoint stores them with the module that holds the block. A resumed run's
+first `lag` steps take snapshots published before its start: the owner publishes them again
+from this history (engine/schedule.py `lam_start`), so a resumed async run follows exactly the
+snapshots the uninterrupted one would. Resuming on another partition or number of batches in
+flight can ask for a step the history does not hold; the newest older one stands in.
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ class LamSync:
 
     def __init__(self, cfg, rank: int, modules: dict[int, LocalModule], all_modules: list,
                  owner_of_block: dict[int, int], live_blocks: dict[int, torch.nn.Module],
-                 total_steps: int, device=None, lags: dict[int, int] | None = None):
+                 total_steps: int, device=None, lags: dict[int, int] | None = None,
+                 keep: int = 0):
         self.every = cfg.pipeline.lam_sync_every
         self.decay = cfg.method.ema_decay
         self.rank, self.total = rank, total_steps
@@ -74,8 +83,14 @@ class LamSync:
         self.lags = {m.index: (m.twin_source, lags[m.index]) for m in self.twins
                      if lags and lags.get(m.index)}
         self.lag_snap = {i: self.snap[b] for i, (b, _) in self.lags.items()}
+        # [Note: LAM history] every followed block this rank holds, by block and sync step,
+        # kept for `keep` steps (whoever follows it, so checkpoints hold the same entries
+        # whatever the partition)
+        self.keep = max([keep, *(lag for _, lag in self.lags.values())])
+        followed = {m.twin_source for m in all_modules if m.twin is not None
+                    and (not cfg.method.ema_only_last or m.index == last_twin)}
         self.history: dict[int, dict[int, list[torch.Tensor]]] = {
-            b: {} for b, _ in self.lags.values()}
+            b: {} for b in sorted(followed) if b in live_blocks}
 
     def _like(self, blocks: list[int]) -> list[torch.Tensor]:
         return [t for b in blocks for t in self.snap[b]]
@@ -84,9 +99,29 @@ class LamSync:
         return t % self.every == 0 and t < self.total
 
     # ---- owner side ----------------------------------------------------------------------
-    def pack(self, receiver: int) -> torch.Tensor:
-        """The live weights `receiver` follows, as one flat tensor (after the last step)."""
-        return flatten([x for b in self.send_to[receiver] for x in block_state(self.live[b])],
+    def record(self, t: int) -> None:
+        """Keeps the live weights of every published (or lagged) block for sync step t, once:
+        called after step t-1's own work, before the drain of a run of steps (so a snapshot
+        never holds the drained gradients), and for t = the run's end too (a stopped run's
+        successor publishes it: [Note: LAM history])."""
+        if t % self.every or t > self.total:
+            return
+        for b, hist in self.history.items():
+            if t not in hist:
+                hist[t] = [x.detach().clone() for x in block_state(self.live[b])]
+            for u in [u for u in hist if u < t - self.keep]:
+                del hist[u]
+
+    def _snapshot(self, b: int, u: int) -> list[torch.Tensor]:
+        hist = self.history[b]
+        if u in hist:
+            return hist[u]
+        older = [v for v in hist if v < u]
+        return hist[max(older)] if older else block_state(self.live[b])
+
+    def pack(self, receiver: int, u: int) -> torch.Tensor:
+        """The weights `receiver` follows at sync step u, as one flat tensor."""
+        return flatten([x for b in self.send_to[receiver] for x in self._snapshot(b, u)],
                        torch.float32)
 
     # ---- receiver side -------------------------------------------------------------------
@@ -111,40 +146,40 @@ class LamSync:
             snap = self.lag_snap.get(m.index, self.snap[m.twin_source])
             ema_update(m.twin, snap, self.decay)
 
-    def record(self, t: int) -> None:
-        """Emulated async lag: keeps the live weights that an owner rank would publish for
-        sync step t. Called where the pipeline publishes: after step t-1's own work, before
-        the drain of a run of steps (so a snapshot never holds the drained gradients)."""
-        if self.lags and self.is_sync_step(t):
-            for b, hist in self.history.items():
-                hist[t] = [x.detach().clone() for x in block_state(self.live[b])]
-
     def _take_lagged(self, t: int) -> None:
+        """Emulated async lag: the snapshot an owner rank would have published at t - lag."""
         for i, (b, lag) in self.lags.items():
-            got = self.history[b].get(t - lag)
-            if got is not None:
-                self.lag_snap[i] = got
-        oldest = t - max(lag for _, lag in self.lags.values())
-        for hist in self.history.values():
-            for u in [u for u in hist if u < oldest]:
-                del hist[u]
+            u = t - lag
+            if u >= 0 and self.is_sync_step(u):
+                self.lag_snap[i] = self._snapshot(b, u)
 
     # ---- checkpoints ---------------------------------------------------------------------
     def state(self, module_index: int) -> list[torch.Tensor] | None:
+        """The snapshot module `module_index`'s twin follows now (None: it has no twin here)."""
         for m in self.twins:
             if m.index == module_index:
                 snap = self.lag_snap.get(m.index, self.snap[m.twin_source])
                 return [t.clone() for t in snap]
         return None
 
-    def load_state(self, module_index: int, tensors: list[torch.Tensor]) -> None:
+    def history_of(self, blocks: range) -> dict[int, dict[int, list[torch.Tensor]]]:
+        """[Note: LAM history] of the given blocks (a module's), block -> sync step -> tensors."""
+        return {b: {u: [x.clone() for x in xs] for u, xs in self.history[b].items()}
+                for b in blocks if b in self.history}
+
+    def load_state(self, module_index: int, tensors: list[torch.Tensor] | None,
+                   history: dict[int, dict[int, list[torch.Tensor]]] | None = None) -> None:
         for m in self.twins:
-            if m.index == module_index:
+            if m.index == module_index and tensors is not None:
                 snap = [t.to(self.device) for t in tensors]
                 if m.index in self.lag_snap:
                     self.lag_snap[m.index] = snap
                 else:
                     self.snap[m.twin_source] = snap
+        for b, hist in (history or {}).items():
+            if b in self.history:
+                self.history[b].update({int(u): [x.to(self.device) for x in xs]
+                                        for u, xs in hist.items()})
 
 
 def _split_blocks(tensors: list[torch.Tensor], sizes: list[int]) -> list[list[torch.Tensor]]:

@@ -66,6 +66,15 @@ def balanced_partition(costs: list[float], ranks: int, spans: list[Span] = ()) -
     return counts[::-1]
 
 
+def feasible(K: int, ranks: int, spans: list[Span]) -> bool:
+    """Can `ranks` ranks hold K modules with no rank strictly inside a window?"""
+    try:
+        balanced_partition([1.0] * K, ranks, spans)
+    except ConfigError:
+        return False
+    return True
+
+
 def check_partition(counts: list[int], spans: list[Span], key: str = "pipeline.partition"
                     ) -> None:
     for r in range(len(counts)):

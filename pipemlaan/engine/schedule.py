@@ -15,7 +15,13 @@ Actions:
   EMA/pack); `consumes` / `produces` name the messages it reads and writes, and `collective`
   names the process group of the collectives it performs inside (replica gradient all-reduces);
 - `Collective(group, name)`: a blocking collective of the whole group (checkpoint, evaluation
-  and summary gathers).
+  and summary gathers, the barrier at exit);
+- `StartCollective(group, name, index)` / `WaitCollective(...)`: a collective started without
+  blocking and waited for later (the stop agreement, [Note: stop agreement]).
+
+Every call a rank makes to another rank after start-up is one of these actions, emitted here
+and executed by the trainer's one dispatcher (engine/trainer.py `_run`); `program` lists a
+whole run's actions, which tests/test_order.py compares with what real runs do.
 
 [Note: wire order] Each neighbouring pair (s, s+1) of a replica talks on a process group of its
 own ("pipe:a-b"), and each LAM flow owner -> receiver on another ("lam:o>q"), so NCCL gives
@@ -31,14 +37,29 @@ same group, never cross a training message.
 The old order (rank s posted F(t+1) before receiving G(t) while rank s+1 sent G(t) before
 receiving F(t+1), each as its own operation on one communicator) is the negative control in
 tests/test_schedule.py: the simulator reports it as a deadlock under NCCL's rules.
+
+[Note: stop agreement] A preempted job (SIGTERM, SIGUSR1: engine/preempt.py) must stop every
+rank after the same step, with a checkpoint there. At every step boundary c (after step c-1,
+c < the run's end) each rank starts round c of a non-blocking all-reduce on the "stop" group
+(gloo on the host, even in NCCL runs): did this rank receive a stop signal? It waits for round
+c-D at boundary c, D = `PipeSpec.stop_delay` steps later. Ranks reach a boundary at different
+times (an async rank 0 runs ahead), but never more than D-1 steps apart, so the wait finds the
+round complete and never holds the pipeline up. Every rank learns round r's answer at the same
+boundary f = r + D; a "stop" there ends the run after step b' - 1, b' = f + L
+(`PipeSpec.stop_lead`): with the run's end moved to b', every action of steps before f is the
+one it would have been anyway (receives are posted at most M steps ahead, LAM receives at most
+lam_sync_every), so the whole run is exactly `program` with total_steps = b' and a stop at b',
+which the simulator proves like any other run. Then: drain, checkpoint at b', LAM finish, the
+rounds still in flight, the barrier at exit.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 FWD, GRAD, EVAL, LAM = "fwd", "grad", "eval", "lam"
 WORLD = "world"
+STOP = "stop"        # the stop agreement's rounds ([Note: stop agreement]); gloo on the host
 
 
 # ---- actions ---------------------------------------------------------------------------------
@@ -107,7 +128,30 @@ class Collective:
         return f"{self.name} on {self.group}"
 
 
-Action = Post | Wait | Compute | Collective
+@dataclass(frozen=True)
+class StartCollective:
+    """Starts round `index` of a collective without blocking ([Note: stop agreement])."""
+    group: str
+    name: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"start {self.name} {self.index} on {self.group}"
+
+
+@dataclass(frozen=True)
+class WaitCollective:
+    """Waits for round `index`, started earlier by a `StartCollective` of this rank."""
+    group: str
+    name: str
+    index: int
+
+    def __str__(self) -> str:
+        return f"wait {self.name} {self.index} on {self.group}"
+
+
+Action = Post | Wait | Compute | Collective | StartCollective | WaitCollective
+STOP_ROUND = "stop?"
 
 
 # ---- the pipeline's shape --------------------------------------------------------------------
@@ -143,6 +187,29 @@ class PipeSpec:
         upstream rank runs that far ahead in async mode (engine/lam.py)."""
         return 0 if self.lockstep else (owner - receiver) * self.in_flight
 
+    @property
+    def stop_delay(self) -> int:
+        """D of [Note: stop agreement]: steps between starting a stop round and waiting for it,
+        more than two ranks of a replica can be apart. Under NCCL's rules rank s finishes step
+        t + M only once rank s+1 has posted the receive of F(t), at its step t - M: at most 2M
+        steps per boundary (replicas meet at every optimizer step). Under gloo, whose sends do
+        not wait, a faster upstream rank could run further ahead; the wait then holds it back
+        to D steps, which no downstream rank needs."""
+        return 2 * self.in_flight * (self.stages - 1) + 2
+
+    @property
+    def stop_lead(self) -> int:
+        """L of [Note: stop agreement]: the stop lands this many steps after the boundary where
+        it is agreed, past every receive already posted (activations M steps ahead, LAM
+        snapshots up to a sync interval ahead)."""
+        if self.stages == 1:
+            return 0
+        return max(self.in_flight, self.lam_every if self.lam_flows else 1)
+
+    def with_end(self, total_steps: int) -> "PipeSpec":
+        """The same pipeline with the run's end moved (a stop agreed at an earlier step)."""
+        return replace(self, total_steps=total_steps)
+
 
 def pipe_group(a: int, b: int) -> str:
     return f"pipe:{min(a, b)}-{max(a, b)}"
@@ -160,6 +227,8 @@ def process_groups(spec: PipeSpec) -> dict[str, tuple[int, ...]]:
     """Every process group the schedule uses, with its global ranks, in creation order (every
     rank creates every group, in this order, as torch.distributed requires)."""
     groups: dict[str, tuple[int, ...]] = {WORLD: tuple(range(spec.world))}
+    if spec.world > 1:
+        groups[STOP] = tuple(range(spec.world))
     if spec.replicas > 1:
         for s in range(spec.stages):
             groups[stage_group(s)] = tuple(spec.rank_of(r, s) for r in range(spec.replicas))
@@ -202,10 +271,12 @@ def pipe_spec(plan, partition: list[int], modules, *, replicas: int, lockstep: b
 # ---- one rank's actions ----------------------------------------------------------------------
 @dataclass
 class RankSchedule:
-    """The actions of one rank. `start` is the run's first step (0, or where it resumed)."""
+    """The actions of one rank. `start` is the run's first step (0, or where it resumed);
+    `nonfinite_stop`: checkpoints first agree on non-finite steps (train.nonfinite=stop)."""
     spec: PipeSpec
     rank: int
     start: int = 0
+    nonfinite_stop: bool = False
     replica: int = field(init=False)
     stage: int = field(init=False)
 
@@ -243,9 +314,15 @@ class RankSchedule:
 
     def _lam_due(self, owner: int, t: int) -> int | None:
         """The owner's snapshot the receiver takes at step t (engine/lam.py): published at
-        sync step t - lag, if that step falls in this run."""
+        sync step t - lag."""
         u = t - self.spec.lam_lag(owner, self.stage)
-        return u if u >= self.start and self._is_sync(u) else None
+        return u if u >= 0 and self._is_sync(u) else None
+
+    def _lam_first(self, owner: int, receiver: int) -> int:
+        """The first snapshot of this run on the flow owner -> receiver: a resumed run's first
+        steps take snapshots published up to `lag` steps before its start, which the owner
+        publishes again from its history (engine/lam.py)."""
+        return max(0, self.start - self.spec.lam_lag(owner, receiver))
 
     def _lam_keep(self, receiver: int) -> int:
         """LAM sends an owner leaves outstanding per receiver (it waits for older ones)."""
@@ -253,10 +330,18 @@ class RankSchedule:
 
     # -- training
     def lam_start(self) -> list[Action]:
-        """Before the run's first step: publish the start weights, post the first receives."""
-        acts = self._publish(self.start)
+        """Before the run's first step: publish the snapshots the first steps take (the start
+        weights; after a resume, those published up to `lag` steps before the start), post the
+        first receives."""
+        if self.start >= self.spec.total_steps:
+            return []
+        acts: list[Action] = []
+        first = {q: self._lam_first(self.stage, q) for q in self.receivers}
+        for u in sorted({u for q in self.receivers for u in range(first[q], self.start + 1)
+                         if self._is_sync(u)}):
+            acts += self._publish(u, [q for q in self.receivers if first[q] <= u])
         for o in self.owners:
-            t = self._next_sync(self.start)
+            t = self._next_sync(self._lam_first(o, self.stage))
             if t is not None:
                 acts.append(Post((self._lam(False, t, o),)))
         return acts
@@ -302,6 +387,16 @@ class RankSchedule:
             if len(ops) > 1:
                 acts += self._backward(u)
         acts += self._publish(t + 1)
+        acts += self._stop_round(t + 1)
+        return acts
+
+    def _stop_round(self, c: int) -> list[Action]:
+        """At boundary c: wait for stop round c - D, start round c ([Note: stop agreement])."""
+        acts: list[Action] = []
+        if c - self.spec.stop_delay > self.start:
+            acts.append(WaitCollective(STOP, STOP_ROUND, c - self.spec.stop_delay))
+        if c < self.spec.total_steps:
+            acts.append(StartCollective(STOP, STOP_ROUND, c))
         return acts
 
     def drain(self, a: int, b: int) -> list[Action]:
@@ -342,26 +437,36 @@ class RankSchedule:
             acts.append(Compute("lam_ema", t, tuple(got)))
         return acts
 
-    def _publish(self, t: int) -> list[Action]:
+    def _publish(self, t: int, receivers: list[int] | None = None) -> list[Action]:
         """After step t-1, owners send the weights step t's receivers will follow."""
-        if not self.receivers or not self._is_sync(t):
+        qs = self.receivers if receivers is None else receivers
+        if not qs or not self._is_sync(t):
             return []
         acts: list[Action] = [Compute("lam_pack", t, (), tuple(
-            self._lam(True, t, q).msg for q in self.receivers))]
-        for q in self.receivers:
+            self._lam(True, t, q).msg for q in qs))]
+        for q in qs:
             acts.append(Post((self._lam(True, t, q),)))
             old = t - (self._lam_keep(q) + 1) * self.spec.lam_every
-            if old >= self.start and self._is_sync(old):
+            if old >= self._lam_first(self.stage, q) and self._is_sync(old):
                 acts.append(Wait(self._lam(True, old, q)))
         return acts
 
-    def lam_finish(self, end: int) -> list[Action]:
-        """After the run's last step `end - 1`: every snapshot still on its way, every send."""
-        acts = []
+    def finish(self, end: int) -> list[Action]:
+        """After the run's last step `end - 1`: every LAM snapshot still on its way, every LAM
+        send, and the stop rounds not yet waited for."""
+        acts: list[Action] = []
+        if self.start < end:
+            acts += self._lam_finish(end)
+        D = self.spec.stop_delay
+        for r in range(max(self.start + 1, end - D + 1), end):
+            acts.append(WaitCollective(STOP, STOP_ROUND, r))
+        return acts
+
+    def _lam_finish(self, end: int) -> list[Action]:
+        acts: list[Action] = []
         for o in self.owners:
             # the receives taken during the run were for steps <= end-1-lag; the rest follow
-            last_taken = end - 1 - self.spec.lam_lag(o, self.stage)
-            u = self._next_sync(max(self.start, last_taken + 1))
+            u = self._next_sync(max(0, end - self.spec.lam_lag(o, self.stage)))
             while u is not None:
                 acts.append(Wait(self._lam(False, u, o)))
                 nxt = u + self.spec.lam_every
@@ -370,10 +475,45 @@ class RankSchedule:
                 u = self._next_sync(nxt)
         for q in self.receivers:
             keep = self._lam_keep(q)
-            for u in range(self.start, end):
+            for u in range(self._lam_first(self.stage, q), end):
                 if self._is_sync(u) and u + (keep + 1) * self.spec.lam_every >= end:
                     acts.append(Wait(self._lam(True, u, q)))
         return acts
+
+    # -- checkpoints, the end, and every event's actions
+    def checkpoint(self, step: int) -> list[Action]:
+        """A checkpoint at `step` (checkpoint.py writes the files, the trainer's dispatcher
+        runs the collectives): agree that every update was finite (train.nonfinite=stop),
+        write this rank's module files, gather every rank's checksums (or its error), rank 0
+        writes meta.json, and no rank goes on before it is there."""
+        acts: list[Action] = []
+        if self.nonfinite_stop:
+            acts.append(Collective(WORLD, "agree on non-finite steps"))
+        acts += [Compute("write_checkpoint", step), Collective(WORLD, "gather checkpoint files")]
+        if self.rank == 0:
+            acts.append(Compute("write_meta", step))
+        acts.append(Collective(WORLD, "barrier"))
+        return acts
+
+    def actions(self, ev: "Event", eval_batches: int) -> list[Action]:
+        """The actions of one event of the run's course (the trainer runs a "train" event's
+        steps one at a time: `step`, then `drain`)."""
+        if ev.kind == "train":
+            acts: list[Action] = []
+            for t in range(ev.a, ev.b):
+                acts += self.step(t, ev.a, ev.b)
+            return acts + self.drain(ev.a, ev.b)
+        if ev.kind == "eval":
+            return self.evaluate(eval_batches)
+        if ev.kind == "checkpoint":
+            return self.checkpoint(ev.a)
+        if ev.kind == "finish":
+            return self.finish(ev.a)
+        if ev.kind == "summary":
+            return [Collective(WORLD, "gather summary"), Collective(WORLD, "barrier at exit")]
+        if ev.kind == "preempted":
+            return [Collective(WORLD, "barrier at exit")]
+        raise ValueError(f"unknown event {ev.kind!r}")
 
     # -- evaluation
     def evaluate(self, n_batches: int) -> list[Action]:
@@ -409,30 +549,47 @@ class RankSchedule:
 @dataclass(frozen=True)
 class Event:
     """One piece of a run, in order: "train" (steps [a, b), then a drain), "eval",
-    "checkpoint" (at step a), "lam_finish" and "summary"."""
+    "checkpoint" (at step a), "finish" (LAM flows and stop rounds, after the last step a),
+    then "summary" or, for a run stopped by [Note: stop agreement], "preempted" (at a)."""
     kind: str
     a: int = 0
     b: int = 0
 
 
 def run_events(*, steps_per_epoch: int, total_steps: int, start: int, eval_every: int,
-               checkpoint_every: int, checkpoint_steps: int) -> list[Event]:
+               checkpoint_every: int, checkpoint_steps: int, stop_at: int | None = None,
+               eval_first: bool = False) -> list[Event]:
     """The course of a run from step `start`: runs of steps cut at epoch ends and mid-epoch
-    checkpoints, evaluations and checkpoints where the config asks for them."""
-    events, step, evaluated = [], start, False
-    while step < total_steps:
+    checkpoints, evaluations and checkpoints where the config asks for them. `stop_at`: the
+    run stops after step stop_at - 1 with a checkpoint there and no evaluation (a stop agreed
+    by every rank). `eval_first`: evaluate before anything else (a run resumed from a stop
+    at an epoch's end evaluates that epoch)."""
+    end = total_steps if stop_at is None else min(stop_at, total_steps)
+    stopped = end < total_steps
+    events = [Event("eval", start)] if eval_first and start < end else []
+    step, evaluated = start, False
+    while step < end:
         epoch = step // steps_per_epoch
         epoch_end = (epoch + 1) * steps_per_epoch
-        end = min(epoch_end, total_steps)
+        run_end = min(epoch_end, end)
         a = step
         if checkpoint_steps:
             c = (a // checkpoint_steps + 1) * checkpoint_steps
-            while c < end:
+            while c < run_end:
                 events += [Event("train", a, c), Event("checkpoint", c)]
                 a, c = c, c + checkpoint_steps
-        events.append(Event("train", a, end))
-        step = end
-        last = step >= total_steps
+        events.append(Event("train", a, run_end))
+        step = run_end
+        if stopped:
+            if step == end:
+                events.append(Event("checkpoint", step))
+                break
+            if step == epoch_end and (epoch + 1) % eval_every == 0:
+                events.append(Event("eval", step))
+            if step == epoch_end and (epoch + 1) % checkpoint_every == 0:
+                events.append(Event("checkpoint", step))
+            continue
+        last = step >= end
         if step == epoch_end:
             if (epoch + 1) % eval_every == 0 or last:
                 events.append(Event("eval", step))
@@ -442,32 +599,20 @@ def run_events(*, steps_per_epoch: int, total_steps: int, start: int, eval_every
         elif last:
             events += [Event("eval", step), Event("checkpoint", step)]
             evaluated = True
-    events.append(Event("lam_finish", step))
+    events.append(Event("finish", step))
+    if stopped:
+        events.append(Event("preempted", step))
+        return events
     if not evaluated:        # resumed a finished run: evaluate what it holds
         events.append(Event("eval", step))
     events.append(Event("summary", step))
     return events
 
 
-CHECKPOINT_COLLECTIVES = ("agree on non-finite steps", "agree on checkpoint errors",
-                          "gather checksums", "barrier")
-
-
 def program(sched: RankSchedule, events: list[Event], eval_batches: int) -> list[Action]:
-    """Every action of one rank over a whole run, in order (what the simulator replays; the
-    trainer executes the same pieces as the run goes)."""
+    """Every action of one rank over a whole run, in order: what the simulator replays, and
+    exactly what the trainer executes (it asks for the same pieces as the run goes)."""
     acts = sched.lam_start()
     for ev in events:
-        if ev.kind == "train":
-            for t in range(ev.a, ev.b):
-                acts += sched.step(t, ev.a, ev.b)
-            acts += sched.drain(ev.a, ev.b)
-        elif ev.kind == "eval":
-            acts += sched.evaluate(eval_batches)
-        elif ev.kind == "checkpoint":
-            acts += [Collective(WORLD, n) for n in CHECKPOINT_COLLECTIVES]
-        elif ev.kind == "lam_finish":
-            acts += sched.lam_finish(ev.a)
-        elif ev.kind == "summary":
-            acts.append(Collective(WORLD, "gather summary"))
+        acts += sched.actions(ev, eval_batches)
     return acts

@@ -13,6 +13,7 @@ import itertools
 import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -23,13 +24,15 @@ from pipemlaan.engine.distributed import DistEnv, agree, broadcast
 from pipemlaan.engine.lam import LamSync
 from pipemlaan.engine.p2p import Transport, WaitClock
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
-                                        measure_costs, stage_bounds, window_spans)
+                                        feasible, measure_costs, stage_bounds, window_spans)
 from pipemlaan.engine.replicas import GradSync, Layout, sync_batch_norm
-from pipemlaan.engine.schedule import (RankSchedule, pipe_group, pipe_spec, process_groups,
-                                       stage_group)
+from pipemlaan.engine import checkpoints
+from pipemlaan.engine.schedule import (PipeSpec, RankSchedule, pipe_group, pipe_spec,
+                                       process_groups, stage_group)
 from pipemlaan.engine.stage import Stage
 from pipemlaan.errors import ConfigError, PipemlaanError
 from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
+from pipemlaan.models import num_blocks
 from pipemlaan.metrics import SavedTensorTracker
 from pipemlaan.ui import console
 
@@ -45,7 +48,9 @@ class Setup:
     tracker: SavedTensorTracker
     transport: Transport | None
     lam: LamSync | None
+    spec: PipeSpec
     schedule: RankSchedule
+    resumed: dict | None          # the checkpoint's meta.json when the run resumed
     train_set: object
     test_set: object
     steps_per_epoch: int
@@ -79,6 +84,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
         validate_world(cfg, env.world, K)
         if cfg.pipeline.partition and env.world > 1:
             check_partition(cfg.pipeline.partition, spans)
+        _check_stages_fit(cfg, env.world // cfg.pipeline.replicas, K, spans)
         if env.rank == 0:
             validate_data(cfg.data)
             _check_run_dir(cfg)
@@ -130,7 +136,21 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     emulate = _emulated(cfg, layout, spans, K)
     stage = Stage(cfg, owned, plan, env.device, stash=async_pipe, saved_tracker=tracker,
                   grad_sync=grad_sync, emulate=emulate)
-    schedule = RankSchedule(pspec, env.rank)
+    lam = _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, pspec,
+                    emulate)
+    # resuming is start-up too: the schedule is built knowing the step it starts from
+    start, resumed = 0, None
+    if cfg.run.resume:
+        found = ckpt.latest_checkpoint(cfg.run_dir) if env.rank == 0 else None
+        found = broadcast(env, (str(found[0]), found[1]) if found else None)
+        if found is None:
+            raise ConfigError(f"--run.resume=true but {cfg.run_dir} holds no complete "
+                              f"checkpoint")
+        d, resumed = found
+        checkpoints.load(Path(d), resumed, stage, lam, K, env.device)
+        start = resumed["step"]
+        print0(env, f"resumed from {d} at step {start} (epoch {resumed['epoch']})")
+    schedule = RankSchedule(pspec, env.rank, start, cfg.train.nonfinite == "stop")
 
     transport, clock = None, WaitClock(env.device)
     if pipelined:
@@ -148,11 +168,11 @@ def build(cfg: Config, env: DistEnv) -> Setup:
             config_hash(cfg), schedule.prev, schedule.next,
             pipe_group(env.rank, schedule.prev) if schedule.prev is not None else None,
             pipe_group(env.rank, schedule.next) if schedule.next is not None else None)
-    lam = _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, emulate)
     if transport and lam:
         transport.lam_buffer = lam.buffer
     return Setup(cfg, env, layout, all_modules, partition, stage, tracker, transport, lam,
-                 schedule, train_set, test_set, steps_per_epoch, test_samples, total, clock)
+                 pspec, schedule, resumed, train_set, test_set, steps_per_epoch, test_samples,
+                 total, clock)
 
 
 def config_hash(cfg: Config) -> int:
@@ -191,6 +211,26 @@ def _check_run_dir(cfg: Config) -> None:
     except OSError as e:
         raise ConfigError(f"cannot write to {d.parent} ({e.strerror}); choose a writable "
                           f"--run.dir") from None
+
+
+def _check_stages_fit(cfg: Config, stages: int, K: int, spans: list) -> None:
+    """No partition of K modules into `stages` keeps every window across at most one rank
+    boundary: say so, with the nearest choices that work."""
+    if stages <= 1 or cfg.pipeline.partition or feasible(K, stages, spans):
+        return
+    widest = max((j - a + 1 for a, j in spans), default=1)
+    most = max(r for r in range(1, stages) if feasible(K, r, spans))
+    blocks = num_blocks(cfg.model.name)
+    fewest = next((k for k in range(K + 1, blocks + 2)
+                   if feasible(k, stages, window_spans(window_plan(cfg, k)))), None)
+    more_k = (f"model.K={fewest} or more on {stages} stages" if fewest else
+              f"a deeper model (no model.K of {cfg.model.name} fits {stages} stages)")
+    raise ConfigError(
+        f"{stages} pipeline stages cannot hold model.K={K} local modules so that every "
+        f"cascade window (the widest covers {widest} modules) crosses at most one rank "
+        f"boundary; nearest choices: at most {most} stage(s) for this K and "
+        f"method.window={cfg.method.window}, or {more_k}, or a smaller method.window, or "
+        f"method.first_modules_head=true")
 
 
 def _partition(cfg, env, stages, modules, image_shape, num_classes, spans) -> list[int]:
@@ -236,9 +276,12 @@ def _emulated(cfg: Config, layout: Layout, spans: list, K: int
     return list(counts), cfg.pipeline.microbatches
 
 
-def _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, emulate=None):
+def _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, spec,
+              emulate=None):
     if not any(m.twin is not None for m in all_modules):
         return None
+    # steps of history an owner keeps: its slowest receiver's lag (lam.py [Note: LAM history])
+    keep = max([0, *(spec.lam_lag(o, q) for o, q in spec.lam_flows if o == layout.stage)])
     lags = None
     if emulate is not None:   # the async pipeline's lag: (owner - receiver stage) x M
         counts, M = emulate
@@ -255,4 +298,4 @@ def _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, 
                 owner[b] = layout.rank_of(layout.replica, s)
     live = {b: backbone.blocks[b] for b, r in owner.items() if r == env.rank}
     return LamSync(cfg, env.rank, stage.modules, all_modules, owner, live, total,
-                   device=env.device, lags=lags)
+                   device=env.device, lags=lags, keep=keep)

@@ -19,7 +19,8 @@ Rules "nccl":
   one unit) on the stream of the ops' group (a Post mixing groups is an error; it is then split
   into one kernel per group);
 - `Collective(group, name)`, and a `Compute` with `collective=G`, enqueue one collective kernel
-  on the group's stream and the host blocks until it completes;
+  on the group's stream and the host blocks until it completes; `StartCollective` enqueues it
+  without blocking, and the matching `WaitCollective` blocks until it completes;
 - only the head kernel of a stream is active; an op of an active kernel completes when its
   matching op is in an active kernel too (both complete together); a kernel leaves the stream
   when all its ops completed, and the next one becomes active; a collective kernel completes
@@ -28,7 +29,8 @@ Rules "nccl":
   `Compute` without a collective runs instantly.
 Rules "gloo": sends are buffered (a send completes when posted), a receive completes once its
 matching send has been posted, there is no ordering between ops, and a collective completes when
-every member has reached it (the host blocks until then).
+every member has reached it (the host blocks until then; a `StartCollective` arrives without
+blocking, its `WaitCollective` blocks until every member has arrived).
 
 Checks (protocol errors, in `SimResult.errors`): mismatched pairs; an op never matched (or, under
 nccl, never completed) at the end; a `Compute` consuming a message whose receive this rank has
@@ -53,7 +55,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from pipemlaan.engine.schedule import (Action, Collective, Compute, Op, Post, RankSchedule,
-                                       Wait, process_groups, program)
+                                       StartCollective, Wait, WaitCollective, process_groups,
+                                       program)
 
 RULES = ("nccl", "gloo")
 
@@ -151,7 +154,7 @@ class _Kernel:
 
 class _Rank:
     __slots__ = ("rank", "prog", "pc", "blocker", "posted", "waited", "produced", "send_seq",
-                 "recv_seq", "coll_seq", "streams", "queued")
+                 "recv_seq", "coll_seq", "streams", "queued", "started", "streams_last")
 
     def __init__(self, rank: int, prog: list[Action]):
         self.rank, self.prog = rank, prog
@@ -165,6 +168,8 @@ class _Rank:
         self.coll_seq: dict = {}
         self.streams: dict[str, deque[_Kernel]] = {}
         self.queued = False
+        self.started: dict[tuple[str, int], _Kernel] = {}     # non-blocking collectives
+        self.streams_last: _Kernel | None = None
 
     @property
     def finished(self) -> bool:
@@ -292,12 +297,29 @@ class _Sim:
             elif isinstance(a, Collective):
                 if self.collective(st, a, a.group, a.name):
                     return
+            elif isinstance(a, StartCollective):
+                if (a.group, a.index) in st.started:
+                    self.err(st, a, "started again while the earlier one is outstanding")
+                self.collective(st, a, a.group, f"{a.name} {a.index}", block=False)
+                if st.streams_last is not None:
+                    st.started[(a.group, a.index)] = st.streams_last
+            elif isinstance(a, WaitCollective):
+                k = st.started.pop((a.group, a.index), None)
+                if k is None:
+                    self.err(st, a, "waits on a collective it never started")
+                elif not k.coll.done:
+                    st.blocker = k
+                    st.pc += 1
+                    return
             else:
                 self.err(st, a, f"unknown action type {type(a).__name__}")
             st.pc += 1
 
-    def collective(self, st: _Rank, action, group: str, name: str) -> bool:
-        """Enqueues a collective; True if the host now blocks on it (pc already advanced)."""
+    def collective(self, st: _Rank, action, group: str, name: str, block: bool = True) -> bool:
+        """Enqueues a collective; True if the host now blocks on it (pc already advanced).
+        `block=False` (a StartCollective): the host goes on; the kernel is left in
+        `st.streams_last` for the matching WaitCollective."""
+        st.streams_last = None
         if group not in self.groups:
             self.err(st, action, f"collective on unknown group {group}")
             return False
@@ -318,8 +340,10 @@ class _Sim:
                                                               sorted(c.names.items())))
         k = _Kernel(st.rank, group, coll=c)
         c.kernels[st.rank] = k
-        st.blocker = k
-        st.pc += 1
+        st.streams_last = k
+        if block:
+            st.blocker = k
+            st.pc += 1
         if self.nccl:
             stream = st.streams.setdefault(group, deque())
             stream.append(k)
@@ -330,7 +354,7 @@ class _Sim:
             c.reached.add(st.rank)
             if len(c.reached) == len(c.members):
                 self.complete_coll(c)
-        return True
+        return block
 
     def post(self, st: _Rank, a: Post) -> None:
         by_group: dict[str, list[_OpState]] = {}
@@ -500,6 +524,10 @@ class _Sim:
         deadlock = self.chain(stuck[0]) if stuck else None
         errors = list(self.errors)
         if not stuck:
+            for r in sorted(self.ranks):
+                for group, index in self.ranks[r].started:
+                    errors.append(f"rank {r}: collective round {index} on {group} was started "
+                                  f"and never waited for")
             for o in self.all_ops:
                 if o.partner is None:
                     errors.append(f"rank {o.rank}: {o.op} (#{o.seq} on its channel) was never "
@@ -521,8 +549,8 @@ def simulate(programs: dict[int, list[Action]], groups: dict[str, tuple[int, ...
 
 
 def simulate_run(spec, events, eval_batches: int, rules: str = "nccl",
-                 start: int = 0) -> SimResult:
+                 start: int = 0, nonfinite_stop: bool = False) -> SimResult:
     """Every rank's program for a run of `spec` (engine/schedule.py), replayed together."""
-    programs = {r: program(RankSchedule(spec, r, start), events, eval_batches)
+    programs = {r: program(RankSchedule(spec, r, start, nonfinite_stop), events, eval_batches)
                 for r in range(spec.world)}
     return simulate(programs, process_groups(spec), rules)

@@ -1,10 +1,15 @@
 """The training loop, the same on every rank and in a single process (a world of one rank).
 
-`Trainer(cfg, env)` builds the rank (engine/setup.py) and resumes it if asked; `train()` follows
-the run's course from engine/schedule.py (runs of steps, evaluations, checkpoints) and, inside
-each, executes this rank's action lists: posts and waits go to the transport (engine/p2p.py),
-compute actions to the stage (engine/stage.py) and the LAM snapshots (engine/lam.py). The order
-of everything that crosses ranks comes from the schedule alone. Returns the summary on rank 0.
+`Trainer(cfg, env)` builds the rank (engine/setup.py: model, partition, transport, LAM, the
+checkpoint it resumes from, the schedule); `train()` follows the run's course (engine/schedule.py
+`run_events`: runs of steps, evaluations, checkpoints, the end) and executes, in order, the
+actions the schedule gives each piece. Every action goes through one dispatcher, `_run`: posts
+and waits to the transport (engine/p2p.py), compute actions to the stage (engine/stage.py), LAM
+(engine/lam.py) and checkpoints (engine/checkpoints.py), collectives to their handlers here.
+After start-up nothing else talks to another rank, so a run does exactly what
+`schedule.program` lists (tests/test_order.py records real runs and compares). A stop agreed by
+every rank (engine/preempt.py) moves the run's end and ends it with a checkpoint. Returns the
+summary on rank 0 (None elsewhere, or when the run was preempted).
 """
 
 from __future__ import annotations
@@ -14,27 +19,30 @@ import time
 
 import torch
 
-from pipemlaan import checkpoint as ckpt
 from pipemlaan.config import Config, to_toml
+from pipemlaan.engine import checkpoints
 from pipemlaan.engine.distributed import DistEnv, barrier, gather_all
 from pipemlaan.engine.graphs import GraphedStep, graph_skip_reason
 from pipemlaan.engine.lr_schedule import lr_at
-from pipemlaan.engine.schedule import Compute, Post, Wait, run_events
+from pipemlaan.engine.preempt import StopRequest
+from pipemlaan.engine.records import summary, summary_part, train_record
+from pipemlaan.engine.schedule import (STOP, Collective, Compute, Post, RankSchedule,
+                                       StartCollective, Wait, WaitCollective, run_events)
 from pipemlaan.engine.setup import build
 from pipemlaan.engine.stage import NonFiniteLoss
-from pipemlaan.metrics import MetricsWriter, StepTracer, summary, train_record
+from pipemlaan.checkpoint import write_meta
+from pipemlaan.metrics import MetricsWriter, StepTracer
 from pipemlaan.ui import LiveView, NullView, console, results_table
 
 
 class Trainer:
-    def __init__(self, cfg: Config, env: DistEnv):
+    def __init__(self, cfg: Config, env: DistEnv, stop: StopRequest | None = None):
         self.cfg, self.env = cfg, env
+        self.stop = stop or StopRequest()
         self.s = build(cfg, env)
         self.stage = self.s.stage
-        self.step = 0
-        if cfg.run.resume:
-            self.step = ckpt.resume(self.s)[0]
-        self.s.schedule.start = self.step
+        self.sched: RankSchedule = self.s.schedule
+        self.step = self.sched.start
         if env.rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
             (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
@@ -48,10 +56,27 @@ class Trainer:
         self.graphed = (GraphedStep(self.stage) if graph_skip_reason(cfg, self.s) is None
                         else None)
         self._forward = self.graphed or self.stage.forward_batch
+        self._eval_bs = cfg.train.batch_size // self.s.layout.replicas
+        self.eval_batches = -(-self.s.test_samples // self._eval_bs)
+        self._rounds: dict[int, tuple[torch.Tensor, object]] = {}    # stop rounds in flight
+        self._gathered: dict = {}      # what this rank's collectives brought back, by name
+        self._event = 0                # the index in self.events being executed
+        self.events = self._course(None)
 
     @property
     def epoch(self) -> int:
         return self.step // self.s.steps_per_epoch
+
+    def _course(self, stop_at: int | None):
+        s, cfg, start = self.s, self.cfg, self.sched.start
+        # a run stopped at an epoch's end skipped that epoch's evaluation: do it first
+        resumed = s.resumed or {}
+        eval_first = bool(resumed.get("preempted")) and start % s.steps_per_epoch == 0
+        return run_events(steps_per_epoch=s.steps_per_epoch, total_steps=s.total_steps,
+                          start=start, eval_every=cfg.train.eval_every,
+                          checkpoint_every=cfg.run.checkpoint_every,
+                          checkpoint_steps=cfg.run.checkpoint_steps, stop_at=stop_at,
+                          eval_first=eval_first)
 
     # ---- the run's course ------------------------------------------------------------------
     def train(self) -> dict | None:
@@ -59,42 +84,45 @@ class Trainer:
         t_start = time.perf_counter()
         view = (LiveView(cfg.run_dir / "metrics.jsonl", self.env.world, cfg.run_name)
                 if self.env.rank == 0 and cfg.run.progress else NullView())
-        events = run_events(steps_per_epoch=s.steps_per_epoch, total_steps=s.total_steps,
-                            start=self.step, eval_every=cfg.train.eval_every,
-                            checkpoint_every=cfg.run.checkpoint_every,
-                            checkpoint_steps=cfg.run.checkpoint_steps)
-        train_time, images, result = 0.0, 0, None
+        train_time, images, result, out = 0.0, 0, None, None
         view.start(s.total_steps, self.step)
         try:
-            self._run(s.schedule.lam_start())
             if s.lam:
                 s.lam.record(self.step)
-            for ev in events:
+            self._run(self.sched.lam_start())
+            i = 0
+            while i < len(self.events):      # a stop agreed during a run of steps moves its end
+                ev, self._event = self.events[i], i
                 if ev.kind == "train":
                     t0 = time.perf_counter()
-                    images += self._train_run(ev.a, ev.b, view)
+                    images += self._train_run(i, view)
                     train_time += time.perf_counter() - t0
                 elif ev.kind == "eval":
                     result = self.evaluate()
                     self._log_eval(result, train_time)
-                elif ev.kind == "checkpoint":
-                    self.save_checkpoint()
-                elif ev.kind == "lam_finish":
-                    self._tracer.at(None)
-                    self._run(s.schedule.lam_finish(ev.a))
+                elif ev.kind == "summary":
+                    self._summary_args = (result, train_time, images, t_start)
+                    self._run(self.sched.actions(ev, self.eval_batches))
+                    out = self._gathered.pop("summary", None)
+                else:        # checkpoint, finish, preempted
+                    if ev.kind == "finish":
+                        self._tracer.at(None)
+                    if ev.kind == "preempted":
+                        self._log_preempted(ev.a)
+                    self._run(self.sched.actions(ev, self.eval_batches))
+                i += 1
         finally:
             view.stop()
-        out = summary(s, result, train_time, images, time.perf_counter() - t_start,
-                      self.step, self.epoch)
         if out is not None:
             out["cuda_graph"] = self._graph_report()
             (cfg.run_dir / "summary.json").write_text(json.dumps(out, indent=1))
             console.print(results_table(out))
         return out
 
-    def _train_run(self, a: int, b: int, view) -> int:
-        """Steps [a, b) and their drain; returns the images processed."""
+    def _train_run(self, i: int, view) -> int:
+        """Steps [a, b) of events[i] and their drain; returns the images processed."""
         cfg, s = self.cfg, self.s
+        a = self.events[i].a
         if s.is_first:
             self._batches = s.train_set.batches(
                 cfg.train.batch_size, epoch=a // s.steps_per_epoch, seed=cfg.train.seed,
@@ -103,41 +131,76 @@ class Trainer:
         self.stage.train(True)
         window_t0, window_images = time.perf_counter(), 0
         s.clock.reset()
-        for t in range(a, b):
+        t = a
+        while t < self.events[i].b:
             self._tracer.at(t)
-            self._run(s.schedule.step(t, a, b))
+            self._run(self.sched.step(t, a, self.events[i].b))
+            b = self.events[i].b        # a stop agreed in that step may have moved it
             if s.lam:
-                s.lam.record(t + 1)      # emulated async pipelines only (engine/lam.py)
+                s.lam.record(t + 1)
             if t == b - 1:
-                self._run(s.schedule.drain(a, b))
+                self._run(self.sched.drain(a, b))
                 self.stage.flush_delayed()
-            self.step = t + 1
+            self.step = t = t + 1
             window_images += cfg.train.batch_size
-            if self.step % cfg.run.log_every == 0 or self.step == s.total_steps:
+            if self.step % cfg.run.log_every == 0 or self.step == self.sched.spec.total_steps:
                 self._check_finite()
                 elapsed = time.perf_counter() - window_t0
-                record = train_record(s, s.clock, self.step, t // s.steps_per_epoch, self._lr,
-                                      window_images / elapsed, elapsed)
+                record = train_record(s, s.clock, self.step, (t - 1) // s.steps_per_epoch,
+                                      self._lr, window_images / elapsed, elapsed)
                 self.metrics.write(record)
                 view.update(self.step, record if self.env.rank == 0 else {})
                 window_t0, window_images = time.perf_counter(), 0
                 s.clock.reset()
             elif self.env.rank == 0:
                 view.update(self.step, {})
-        return (b - a) * cfg.train.batch_size
+        return (self.events[i].b - a) * cfg.train.batch_size
 
-    # ---- executing actions -------------------------------------------------------------------
+    # ---- the dispatcher: every action of the schedule, and nothing else --------------------
     def _run(self, actions) -> None:
-        tr = self.s.transport
+        tr, comm = self.s.transport, self.env.comm
         for act in actions:
+            if comm is not None:
+                comm.doing(act)
             if isinstance(act, Post):
                 tr.post(act.ops)
             elif isinstance(act, Wait):
                 tr.wait(act.op)
             elif isinstance(act, Compute):
                 getattr(self, "_do_" + act.name)(act)
+            elif isinstance(act, Collective):
+                self._collective(act.name)
+            elif isinstance(act, StartCollective):
+                self._start_round(act)
+            elif isinstance(act, WaitCollective):
+                self._wait_round(act)
             else:
-                self._eval_parts = gather_all(self.env, self._eval_counts)
+                raise TypeError(f"unknown action {act!r}")
+        if comm is not None:
+            comm.doing(None)
+
+    def _collective(self, name: str) -> None:
+        """The schedule's blocking collectives, each one call on the world group."""
+        if name == "gather evaluation counts":
+            self._gathered["eval"] = gather_all(self.env, self._eval_counts)
+        elif name == "agree on non-finite steps":
+            self._check_finite(every_rank=True)
+        elif name == "gather checkpoint files":
+            parts = gather_all(self.env, self._gathered.pop("checkpoint"))
+            merged = checkpoints.raise_first_error(parts, self.env.rank)
+            if self.env.rank == 0:
+                self._gathered["checksums"] = merged
+        elif name == "gather summary":
+            result, train_time, images, t_start = self._summary_args
+            parts = gather_all(self.env, summary_part(self.s, train_time))
+            if self.env.rank == 0:
+                self._gathered["summary"] = summary(self.s, parts, result, images,
+                                                    time.perf_counter() - t_start, self.step,
+                                                    self.epoch)
+        elif name in ("barrier", "barrier at exit"):
+            barrier(self.env)
+        else:
+            raise ValueError(f"no handler for the collective {name!r}")
 
     def _input(self, act: Compute, key) -> tuple:
         """(x, labels, images): received from the previous rank, or what `load` put here."""
@@ -174,8 +237,61 @@ class Trainer:
         self.s.lam.ema(act.index, received)
 
     def _do_lam_pack(self, act: Compute) -> None:
+        self.s.lam.record(act.index)    # after the step's own work: what is published is kept
         for msg in act.produces:
-            self.s.transport.put(msg, [self.s.lam.pack(msg.dst)])
+            self.s.transport.put(msg, [self.s.lam.pack(msg.dst, act.index)])
+
+    # ---- the stop agreement (engine/schedule.py [Note: stop agreement]) ---------------------
+    def _start_round(self, act: StartCollective) -> None:
+        flag = torch.tensor([1 if self.stop.requested else 0], dtype=torch.int64)
+        work = self.env.comm.start_all_reduce(flag, STOP) if self.env.distributed else None
+        self._rounds[act.index] = (flag, work)
+
+    def _wait_round(self, act: WaitCollective) -> None:
+        flag, work = self._rounds.pop(act.index)
+        if work is not None:
+            self.env.comm.wait(work, None, f"agreeing on a stop (round {act.index})")
+        spec = self.sched.spec
+        agreed_at = act.index + spec.stop_delay      # the same boundary on every rank
+        if int(flag.item()) == 0 or self.stop.at_step is not None or \
+                agreed_at > spec.total_steps:        # rounds waited after the last step
+            return
+        end = agreed_at + spec.stop_lead
+        if end >= spec.total_steps:
+            return          # the run ends by then anyway, with its summary
+        self.stop.at_step = end
+        self.sched = RankSchedule(spec.with_end(end), self.env.rank, self.sched.start,
+                                  self.sched.nonfinite_stop)
+        before, i = self.events, self._event
+        self.events = self._course(end)
+        assert self.events[:i] == before[:i] and self.events[i].a == before[i].a, \
+            "a stop must not change the course before the run of steps it is agreed in"
+        if self.env.rank == 0:
+            console.print(f"stop requested ({self.stop.reason or 'by another rank'}): every "
+                          f"rank stops when {end} steps are done, with a checkpoint there")
+
+    def _log_preempted(self, step: int) -> None:
+        if self.env.rank == 0:
+            self.metrics.write({"kind": "preempted", "step": step, "epoch": self.epoch,
+                                "rank": 0, "reason": self.stop.reason})
+
+    # ---- checkpoints (the schedule's `checkpoint` actions) ----------------------------------
+    def save_checkpoint(self) -> None:
+        """A checkpoint at the current step, outside the run's course (every rank must call it
+        at the same point: it runs the schedule's checkpoint actions, collectives included)."""
+        self._run(self.sched.checkpoint(self.step))
+
+    def _do_write_checkpoint(self, act: Compute) -> None:
+        self._gathered["checkpoint"] = checkpoints.write_module_files(
+            self.cfg.run_dir, act.index, self.stage, self.s.lam, self.s.layout.replica)
+
+    def _do_write_meta(self, act: Compute) -> None:
+        s, step = self.s, act.index
+        write_meta(self.cfg.run_dir, step, {
+            "epoch": step // s.steps_per_epoch, "batch_in_epoch": step % s.steps_per_epoch,
+            "K": len(s.all_modules), "world_size": self.env.world,
+            "replicas": s.layout.replicas, "preempted": step == self.stop.at_step},
+            self._gathered.pop("checksums"))
 
     # ---- evaluation ------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -183,16 +299,14 @@ class Trainer:
         replicas, replica r takes every D-th test batch from batch r on."""
         s, stage = self.s, self.stage
         stage.train(False)
-        bs = self.cfg.train.batch_size // s.layout.replicas
-        n_batches = -(-s.test_samples // bs)
         self._eval_counts = {}     # module -> [top-1, top-5] correct, for modules with a head
         if s.is_first:
-            self._batches = s.test_set.batches(bs, epoch=0, seed=0, train=False,
+            self._batches = s.test_set.batches(self._eval_bs, epoch=0, seed=0, train=False,
                                                every=(s.layout.replica, s.layout.replicas))
-        self._run(s.schedule.evaluate(n_batches))
+        self._run(self.sched.evaluate(self.eval_batches))
         stage.train(True)
         merged = {}
-        for part in self._eval_parts:
+        for part in self._gathered.pop("eval"):
             for k, (top1, top5) in part.items():
                 merged[k] = [merged.get(k, [0, 0])[0] + top1, merged.get(k, [0, 0])[1] + top5]
         n, K = s.test_samples, len(s.all_modules)
@@ -229,9 +343,9 @@ class Trainer:
     def _check_finite(self, every_rank: bool = False) -> None:
         """train.nonfinite=stop: ends the run if a module skipped an update because something
         was not finite (stage.py [Note: non-finite on the device]). Read once per logging
-        window on this rank; before every checkpoint (`every_rank`; a run's last step always
-        has one) all ranks agree, and the rank that saw the earliest step names module and
-        step."""
+        window on this rank; before every checkpoint (`every_rank`, the schedule's "agree on
+        non-finite steps"; a run's last step always has one) all ranks agree, and the rank that
+        saw the earliest step names module and step."""
         if self.cfg.train.nonfinite != "stop":
             return
         bad = self.stage.first_nonfinite()
@@ -254,10 +368,9 @@ class Trainer:
                     "off": graph_skip_reason(self.cfg, self.s)}
         return {"replayed_steps": g.replays, "eager_steps": g.eager_steps, "off": g.failed}
 
-    def save_checkpoint(self) -> None:
-        self._check_finite(every_rank=True)
-        spe = self.s.steps_per_epoch
-        ckpt.save(self.s, self.step, self.step // spe, self.step % spe)
+    @property
+    def preempted(self) -> bool:
+        return self.stop.at_step is not None and self.step == self.stop.at_step
 
     def close(self) -> None:
         self.metrics.close()
