@@ -16,6 +16,7 @@ from torch import nn
 from pipemlaan.config import load_config
 from pipemlaan.data import dataset_spec, load_datasets
 from pipemlaan.engine.lam import LamSync
+from pipemlaan.engine.placement import Placement
 from pipemlaan.engine.stage import Stage
 from pipemlaan.local.heads import LeapHead
 from pipemlaan.local.module import block_state, build_local_modules, ema_update, window_plan
@@ -368,9 +369,9 @@ def test_lam_sync_moves_twin_toward_live_block():
     cfg, spec, backbone, mods = leap_modules(extra=("method.ema_decay=0.9",))
     assert cfg.method.ema_decay == 0.9
     stage = Stage(cfg, mods, window_plan(cfg, len(mods)), CPU)
-    owner = {b: 0 for b in range(len(backbone.blocks))}
-    live = {b: backbone.blocks[b] for b in owner}
-    lam = LamSync(cfg, 0, stage.modules, mods, owner, live, total_steps=3)
+    live = dict(enumerate(backbone.blocks))
+    lam = LamSync(cfg, 0, stage.modules, Placement.of([len(mods)], 1, mods), live,
+                  total_steps=3)
     followers = [m for m in mods if m.twin is not None]
     assert followers
     # the live block a twin follows is the one the downstream module trains
@@ -400,9 +401,8 @@ def test_ema_only_last_updates_only_the_last_twin():
     cfg, spec, backbone, mods = leap_modules(
         "dgl+lam", extra=("method.ema_decay=0.5", "method.ema_only_last=true"))
     stage = Stage(cfg, mods, window_plan(cfg, len(mods)), CPU)
-    owner = {b: 0 for b in range(len(backbone.blocks))}
-    lam = LamSync(cfg, 0, stage.modules, mods, owner,
-                  {b: backbone.blocks[b] for b in owner}, total_steps=2)
+    lam = LamSync(cfg, 0, stage.modules, Placement.of([len(mods)], 1, mods, ema_only_last=True),
+                  dict(enumerate(backbone.blocks)), total_steps=2)
     followers = [m for m in mods if m.twin is not None]
     assert len(followers) >= 2
     g = torch.Generator().manual_seed(3)

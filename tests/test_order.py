@@ -24,6 +24,7 @@ import pytest
 
 from pipemlaan.config import load_config
 from pipemlaan.data import dataset_spec
+from pipemlaan.engine.placement import Placement
 from pipemlaan.engine.schedule import (Collective, Compute, Post, RankSchedule,
                                        StartCollective, Wait, WaitCollective, pipe_spec,
                                        program, run_events)
@@ -52,9 +53,9 @@ def expected_programs(args: list[str], ranks: int, partition: list[int], start: 
     spe = cfg.data.synthetic_size // t.batch_size
     total = t.epochs * spe if not t.max_steps else min(t.epochs * spe, t.max_steps)
     lockstep = p.mode == "lockstep" or ranks // D == 1
-    spec = pipe_spec(plan, partition, modules, replicas=D, lockstep=lockstep,
-                     in_flight=p.microbatches, lam_every=p.lam_sync_every, total_steps=total,
-                     ema_only_last=cfg.method.ema_only_last)
+    placement = Placement.of(partition, D, modules, cfg.method.ema_only_last)
+    spec = pipe_spec(plan, placement, lockstep=lockstep, in_flight=p.microbatches,
+                     lam_every=p.lam_sync_every, total_steps=total)
     if stop_at is not None:
         spec = spec.with_end(stop_at)
     test_samples = cfg.data.test_subset or max(256, cfg.data.synthetic_size // 4)

@@ -21,6 +21,7 @@ import pytest
 from pipemlaan.config import load_config
 from pipemlaan.data import dataset_spec
 from pipemlaan.engine.partition import balanced_partition, window_spans
+from pipemlaan.engine.placement import Placement
 from pipemlaan.engine.schedule import (FWD, GRAD, WORLD, Compute, Msg, Op, PipeSpec, Post,
                                        RankSchedule, Wait, pipe_spec, program, run_events)
 from pipemlaan.engine.simulate import simulate, simulate_run
@@ -57,9 +58,9 @@ def spec_for(method, window, stages, replicas, lockstep, in_flight, lam_every=1,
              ema_only_last=False) -> PipeSpec:
     plan, modules = _modules(method, window, ema_only_last)
     parts = balanced_partition([1.0] * len(modules), stages, window_spans(plan))
-    return pipe_spec(plan, parts, modules, replicas=replicas, lockstep=lockstep,
-                     in_flight=in_flight, lam_every=lam_every, total_steps=TOTAL,
-                     ema_only_last=ema_only_last)
+    placement = Placement.of(parts, replicas, modules, ema_only_last)
+    return pipe_spec(plan, placement, lockstep=lockstep, in_flight=in_flight,
+                     lam_every=lam_every, total_steps=TOTAL)
 
 
 def events(start=0, checkpoint_steps=3):

@@ -32,9 +32,9 @@ def graph_skip_reason(cfg, setup) -> str | None:
         return "train.cuda_graphs=false"
     if setup.env.device.type != "cuda":
         return "not on CUDA"
-    if setup.layout.stages > 1:
+    if setup.placement.stages > 1:
         return "pipeline ranks run eagerly"
-    if setup.layout.replicas > 1:
+    if setup.placement.replicas > 1:
         return "replicas run eagerly"
     if cfg.pipeline.emulate_async:
         return "pipeline.emulate_async runs eagerly"

@@ -44,36 +44,31 @@ class LamSync:
     snapshot travels when is the schedule's business (engine/schedule.py): the trainer calls
     `pack` where the schedule publishes and `ema` where it takes snapshots."""
 
-    def __init__(self, cfg, rank: int, modules: dict[int, LocalModule], all_modules: list,
-                 owner_of_block: dict[int, int], live_blocks: dict[int, torch.nn.Module],
-                 total_steps: int, device=None, lags: dict[int, int] | None = None,
-                 keep: int = 0):
+    def __init__(self, cfg, rank: int, modules: dict[int, LocalModule], placement,
+                 live_blocks: dict[int, torch.nn.Module], total_steps: int, device=None,
+                 lags: dict[int, int] | None = None, keep: int = 0):
         self.every = cfg.pipeline.lam_sync_every
         self.decay = cfg.method.ema_decay
         self.rank, self.total = rank, total_steps
         self.device = device
-        twins = [m for m in all_modules if m.twin is not None]
-        last_twin = max((m.index for m in twins), default=None)
-        self.twins = [m for m in modules.values() if m.twin is not None
-                      and (not cfg.method.ema_only_last or m.index == last_twin)]
+        replica, _ = placement.seat(rank)
+        moving = dict(placement.twins)               # module -> the block its twin follows
+        self.twins = [m for k, m in modules.items() if k in moving]
         self.live = live_blocks                      # block index -> live block on this rank
         # snapshot per followed block (initially the twin itself: copies start equal to live)
         self.snap: dict[int, list[torch.Tensor]] = {
             m.twin_source: [t.detach().clone() for t in block_state(m.twin)] for m in self.twins}
-        self.local_sources = sorted(b for b in self.snap if owner_of_block[b] == rank)
+        self.local_sources = sorted(b for b in self.snap if placement.owner(b, replica) == rank)
         # what this rank receives from each owner, and sends to each receiver
         self.recv_from: dict[int, list[int]] = {}
         for b in sorted(self.snap):
-            if owner_of_block[b] != rank:
-                self.recv_from.setdefault(owner_of_block[b], []).append(b)
+            if placement.owner(b, replica) != rank:
+                self.recv_from.setdefault(placement.owner(b, replica), []).append(b)
         self.send_to: dict[int, list[int]] = {}
-        for m in all_modules:
-            if m.twin is None or (cfg.method.ema_only_last and m.index != last_twin):
-                continue
-            b = m.twin_source
-            recv_rank = _owner_of_module(m.index, owner_of_block, all_modules)
-            if owner_of_block[b] == rank and recv_rank != rank:
-                blocks = self.send_to.setdefault(recv_rank, [])
+        for k, b in placement.twins:
+            receiver = placement.rank_of(replica, placement.stage_of_module(k))
+            if placement.owner(b, replica) == rank and receiver != rank:
+                blocks = self.send_to.setdefault(receiver, [])
                 if b not in blocks:
                     blocks.append(b)
         for blocks in self.send_to.values():
@@ -87,10 +82,8 @@ class LamSync:
         # kept for `keep` steps (whoever follows it, so checkpoints hold the same entries
         # whatever the partition)
         self.keep = max([keep, *(lag for _, lag in self.lags.values())])
-        followed = {m.twin_source for m in all_modules if m.twin is not None
-                    and (not cfg.method.ema_only_last or m.index == last_twin)}
         self.history: dict[int, dict[int, list[torch.Tensor]]] = {
-            b: {} for b in sorted(followed) if b in live_blocks}
+            b: {} for b in sorted(set(moving.values())) if b in live_blocks}
 
     def _like(self, blocks: list[int]) -> list[torch.Tensor]:
         return [t for b in blocks for t in self.snap[b]]
@@ -188,7 +181,3 @@ def _split_blocks(tensors: list[torch.Tensor], sizes: list[int]) -> list[list[to
         out.append(tensors[i:i + n])
         i += n
     return out
-
-
-def _owner_of_module(index: int, owner_of_block: dict[int, int], all_modules: list) -> int:
-    return owner_of_block[all_modules[index].block_range[0]]

@@ -25,10 +25,9 @@ def train_record(setup, clock, step: int, epoch: int, lr: float, images_per_s: f
     """One metrics.jsonl line for a logging window of `elapsed` seconds on this rank; `clock`
     (engine/p2p.py WaitClock) holds the window's compute and wait seconds."""
     recv, send, compute = (clock.seconds(k) for k in ("recv", "send", "compute"))
-    layout = setup.layout
     return {
         "kind": "train", "step": step, "epoch": epoch, "rank": setup.env.rank,
-        "replica": layout.replica, "stage": layout.stage, "modules": setup.stage.indices,
+        "replica": setup.replica, "stage": setup.stage_index, "modules": setup.stage.indices,
         "lr": lr, "losses": {str(k): float(v) for k, v in setup.stage.losses.items()},
         "images_per_s": images_per_s, "compute_frac": compute / elapsed,
         "recv_wait_s": recv, "send_wait_s": send,
@@ -56,12 +55,12 @@ def summary_part(setup, train_time: float) -> dict:
 def summary(setup, parts: list[dict], result: dict, images: int, wall: float, step: int,
             epoch: int) -> dict:
     """summary.json's content from every rank's `summary_part` (rank 0)."""
-    cfg, layout = setup.cfg, setup.layout
+    cfg, placement = setup.cfg, setup.placement
     K = len(setup.all_modules)
     losses: dict[int, float] = {}   # each replica's loss is over its slice: the batch's is the mean
     for p in parts:
         for k, v in p["losses"].items():
-            losses[k] = losses.get(k, 0.0) + v / layout.replicas
+            losses[k] = losses.get(k, 0.0) + v / placement.replicas
     slowest = max(p["train_time"] for p in parts)
     skipped: dict[int, int] = {}    # replicas skip together: the same count on each
     for p in parts:
@@ -70,7 +69,8 @@ def summary(setup, parts: list[dict], result: dict, images: int, wall: float, st
     return {
         "method": method_label(cfg.method), "model": cfg.model.name,
         "dataset": cfg.data.name, "K": K, "world_size": setup.env.world,
-        "replicas": layout.replicas, "stages": layout.stages, "partition": setup.partition,
+        "replicas": placement.replicas, "stages": placement.stages,
+        "partition": list(placement.partition),
         "mode": cfg.pipeline.mode, "epochs": epoch, "steps": step, **result,
         "images_per_s": images / slowest if slowest > 0 else 0.0, "wall_s": wall,
         "peak_memory_bytes": [p["peak_memory_bytes"] for p in parts],
@@ -79,7 +79,7 @@ def summary(setup, parts: list[dict], result: dict, images: int, wall: float, st
         # train.nonfinite=skip: updates dropped per module because a loss or gradient was
         # not finite
         "skipped_updates": {str(k): n for k, n in sorted(skipped.items())},
-        "param_checksum": sum(p["param_sum"] for p in parts[:layout.stages]),
+        "param_checksum": sum(p["param_sum"] for p in parts[:placement.stages]),
         # replicas of a stage must agree: a difference means they drifted apart
         "param_checksum_per_rank": [p["param_sum"] for p in parts],
         "device": str(setup.env.device),

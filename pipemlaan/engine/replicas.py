@@ -1,8 +1,6 @@
 """Data-parallel replicas of the pipeline: R = D x S ranks run D copies of an S-stage pipeline.
 
-Rank layout: rank = replica * S + stage, so each replica's stages sit on consecutive ranks (one
-node holds whole pipelines when S divides its GPU count; only the gradient all-reduce crosses
-nodes). `train.batch_size` stays the *global* batch: replica r trains on the r-th 1/D slice of
+Ranks sit in a replicas x stages grid (engine/placement.py). `train.batch_size` stays the *global* batch: replica r trains on the r-th 1/D slice of
 every batch, so a run means the same thing whatever D is.
 
 The D ranks that hold the same stage form a process group. Before every optimizer step (a
@@ -17,31 +15,10 @@ batch. Without it each replica normalises with its own slice's statistics, as DD
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from pipemlaan.engine.flat import flatten, unflatten
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where a rank sits in the D x S grid."""
-    rank: int
-    replicas: int
-    stages: int
-
-    @property
-    def replica(self) -> int:
-        return self.rank // self.stages
-
-    @property
-    def stage(self) -> int:
-        return self.rank % self.stages
-
-    def rank_of(self, replica: int, stage: int) -> int:
-        return replica * self.stages + stage
 
 
 class GradSync:

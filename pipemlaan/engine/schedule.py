@@ -242,30 +242,18 @@ def process_groups(spec: PipeSpec) -> dict[str, tuple[int, ...]]:
     return groups
 
 
-def pipe_spec(plan, partition: list[int], modules, *, replicas: int, lockstep: bool,
-              in_flight: int, lam_every: int, total_steps: int,
-              ema_only_last: bool = False) -> PipeSpec:
-    """The schedule's view of a configured run: `plan` is the window plan, `partition` the
-    module counts per stage, `modules` every LocalModule (read for twins and block ranges)."""
-    stage_of_module = [s for s, n in enumerate(partition) for _ in range(n)]
+def pipe_spec(plan, placement, *, lockstep: bool, in_flight: int, lam_every: int,
+              total_steps: int) -> PipeSpec:
+    """The schedule's view of a configured run: `plan` is the window plan, `placement`
+    (engine/placement.py) where modules, blocks and twins live."""
     grads = []
-    for s in range(len(partition) - 1):
-        last = sum(partition[:s + 1]) - 1      # the stage's last module
+    for s in range(placement.stages - 1):
+        last = placement.modules_of(s)[-1]
         grads.append(sum(1 for j in plan.covering(last) if j > last))
-    stage_of_block = {}
-    for m in modules:
-        for b in range(m.block_range[0], m.block_range[1] + 1):
-            stage_of_block[b] = stage_of_module[m.index]
-    twins = [m for m in modules if m.twin_source is not None]
-    if ema_only_last and twins:
-        twins = [max(twins, key=lambda m: m.index)]
-    twin_stages = tuple(sorted({stage_of_module[m.index] for m in twins}))
-    flows = sorted({(stage_of_block[m.twin_source], stage_of_module[m.index]) for m in twins
-                    if stage_of_block[m.twin_source] != stage_of_module[m.index]})
-    return PipeSpec(stages=len(partition), replicas=replicas, lockstep=lockstep,
+    return PipeSpec(stages=placement.stages, replicas=placement.replicas, lockstep=lockstep,
                     in_flight=1 if lockstep else in_flight, grads=tuple(grads),
-                    lam_flows=tuple(flows), twin_stages=twin_stages, lam_every=lam_every,
-                    total_steps=total_steps)
+                    lam_flows=placement.lam_flows, twin_stages=placement.twin_stages,
+                    lam_every=lam_every, total_steps=total_steps)
 
 
 # ---- one rank's actions ----------------------------------------------------------------------

@@ -7,9 +7,7 @@ stops every rank with the same one-line error.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
-import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -24,8 +22,9 @@ from pipemlaan.engine.distributed import DistEnv, agree, broadcast
 from pipemlaan.engine.lam import LamSync
 from pipemlaan.engine.p2p import Transport, WaitClock
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
-                                        feasible, measure_costs, stage_bounds, window_spans)
-from pipemlaan.engine.replicas import GradSync, Layout, sync_batch_norm
+                                        feasible, measure_costs, window_spans)
+from pipemlaan.engine.placement import Placement
+from pipemlaan.engine.replicas import GradSync, sync_batch_norm
 from pipemlaan.engine import checkpoints
 from pipemlaan.engine.schedule import (PipeSpec, RankSchedule, pipe_group, pipe_spec,
                                        process_groups, stage_group)
@@ -41,9 +40,10 @@ from pipemlaan.ui import console
 class Setup:
     cfg: Config
     env: DistEnv
-    layout: Layout
+    placement: Placement
+    replica: int                  # this rank's seat in the replicas x stages grid
+    stage_index: int
     all_modules: list
-    partition: list[int]
     stage: Stage
     tracker: SavedTensorTracker
     transport: Transport | None
@@ -60,11 +60,11 @@ class Setup:
 
     @property
     def is_first(self) -> bool:
-        return self.layout.stage == 0
+        return self.stage_index == 0
 
     @property
     def is_last(self) -> bool:
-        return self.layout.stage == self.layout.stages - 1
+        return self.stage_index == self.placement.stages - 1
 
 
 def print0(env: DistEnv, *args) -> None:
@@ -92,15 +92,17 @@ def build(cfg: Config, env: DistEnv) -> Setup:
         error = e
     agree(env, error)
     D = cfg.pipeline.replicas
-    layout = Layout(env.rank, D, env.world // D)
     image_shape = (spec.in_channels, *spec.image_size)
     shapes = output_shapes(all_modules, image_shape)
-    partition = _partition(cfg, env, layout.stages, all_modules, image_shape, spec.num_classes,
+    partition = _partition(cfg, env, env.world // D, all_modules, image_shape, spec.num_classes,
                            spans)
-    lo, hi = stage_bounds(partition, layout.stage)
+    placement = Placement.of(partition, D, all_modules, cfg.method.ema_only_last)
+    replica, my_stage = placement.seat(env.rank)
+    mine = placement.modules_of(my_stage)
+    lo, hi = mine.start, mine.stop
     owned = all_modules[lo:hi]
     for m in all_modules:
-        if not (lo <= m.index < hi):
+        if m.index not in mine:
             m.to("meta")   # other ranks' modules: keep the bookkeeping, drop the weights
     for m in owned:
         m.to(env.device)
@@ -119,25 +121,24 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     full = cfg.train.epochs * steps_per_epoch
     total = min(full, cfg.train.max_steps) if cfg.train.max_steps else full
 
-    pipelined = layout.stages > 1
+    pipelined = placement.stages > 1
     async_pipe = cfg.pipeline.mode == "async" and pipelined
-    pspec = pipe_spec(plan, partition, all_modules, replicas=D, lockstep=not async_pipe,
+    pspec = pipe_spec(plan, placement, lockstep=not async_pipe,
                       in_flight=cfg.pipeline.microbatches, lam_every=cfg.pipeline.lam_sync_every,
-                      total_steps=total, ema_only_last=cfg.method.ema_only_last)
+                      total_steps=total)
     if env.distributed:
         env.comm.create_groups(process_groups(pspec))
     grad_sync = None
     if D > 1:
-        grad_sync = GradSync(env.comm, stage_group(layout.stage), D)
+        grad_sync = GradSync(env.comm, stage_group(my_stage), D)
         if cfg.pipeline.sync_bn:
             for m in owned:
                 sync_batch_norm(m, grad_sync)
     tracker = SavedTensorTracker(enabled=env.device.type == "cpu")
-    emulate = _emulated(cfg, layout, spans, K)
+    emulate = _emulated(cfg, placement.stages, spans, K)
     stage = Stage(cfg, owned, plan, env.device, stash=async_pipe, saved_tracker=tracker,
                   grad_sync=grad_sync, emulate=emulate)
-    lam = _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, pspec,
-                    emulate)
+    lam = _lam_sync(cfg, env, placement, backbone, all_modules, stage, total, pspec, emulate)
     # resuming is start-up too: the schedule is built knowing the step it starts from
     start, resumed = 0, None
     if cfg.run.resume:
@@ -170,9 +171,9 @@ def build(cfg: Config, env: DistEnv) -> Setup:
             pipe_group(env.rank, schedule.next) if schedule.next is not None else None)
     if transport and lam:
         transport.lam_buffer = lam.buffer
-    return Setup(cfg, env, layout, all_modules, partition, stage, tracker, transport, lam,
-                 pspec, schedule, resumed, train_set, test_set, steps_per_epoch, test_samples,
-                 total, clock)
+    return Setup(cfg, env, placement, replica, my_stage, all_modules, stage,
+                 tracker, transport, lam, pspec, schedule, resumed, train_set, test_set,
+                 steps_per_epoch, test_samples, total, clock)
 
 
 def config_hash(cfg: Config) -> int:
@@ -258,14 +259,14 @@ def _partition(cfg, env, stages, modules, image_shape, num_classes, spans) -> li
     return parts
 
 
-def _emulated(cfg: Config, layout: Layout, spans: list, K: int
+def _emulated(cfg: Config, stages: int, spans: list, K: int
               ) -> tuple[list[int], int] | None:
     """pipeline.emulate_async: (module counts per emulated rank, batches in flight), checked
     like a real async pipeline's partition; None when off."""
     counts = cfg.pipeline.emulate_async
     if not counts:
         return None
-    if layout.stages > 1:
+    if stages > 1:
         raise ConfigError("pipeline.emulate_async makes one process behave as an async "
                           "pipeline; launch it on one rank (or pipeline.replicas = ranks), or "
                           "leave it [] in a pipeline")
@@ -276,26 +277,18 @@ def _emulated(cfg: Config, layout: Layout, spans: list, K: int
     return list(counts), cfg.pipeline.microbatches
 
 
-def _lam_sync(cfg, env, layout, partition, backbone, all_modules, stage, total, spec,
-              emulate=None):
-    if not any(m.twin is not None for m in all_modules):
+def _lam_sync(cfg, env, placement, backbone, all_modules, stage, total, spec, emulate=None):
+    if not placement.twins:
         return None
+    replica, my_stage = placement.seat(env.rank)
     # steps of history an owner keeps: its slowest receiver's lag (lam.py [Note: LAM history])
-    keep = max([0, *(spec.lam_lag(o, q) for o, q in spec.lam_flows if o == layout.stage)])
+    keep = max([0, *(spec.lam_lag(o, q) for o, q in spec.lam_flows if o == my_stage)])
     lags = None
     if emulate is not None:   # the async pipeline's lag: (owner - receiver stage) x M
         counts, M = emulate
-        ends = list(itertools.accumulate(counts))           # one past each stage's last module
-        stage_of = {b: bisect.bisect_right(ends, m.index) for m in all_modules
-                    for b in range(m.block_range[0], m.block_range[1] + 1)}
-        lags = {m.index: (stage_of[m.twin_source] - stage_of[m.block_range[0]]) * M
-                for m in all_modules if m.twin is not None}
-    owner = {}     # block -> the global rank of its stage in this replica
-    for s in range(len(partition)):
-        lo, hi = stage_bounds(partition, s)
-        for m in all_modules[lo:hi]:
-            for b in range(m.block_range[0], m.block_range[1] + 1):
-                owner[b] = layout.rank_of(layout.replica, s)
-    live = {b: backbone.blocks[b] for b, r in owner.items() if r == env.rank}
-    return LamSync(cfg, env.rank, stage.modules, all_modules, owner, live, total,
-                   device=env.device, lags=lags, keep=keep)
+        emulated = Placement.of(counts, 1, all_modules)
+        lags = {k: emulated.stage_lag(k) * M for k, _ in emulated.twins}
+    live = {b: backbone.blocks[b] for k in placement.modules_of(my_stage)
+            for b in range(all_modules[k].block_range[0], all_modules[k].block_range[1] + 1)}
+    return LamSync(cfg, env.rank, stage.modules, placement, live, total, device=env.device,
+                   lags=lags, keep=keep)

@@ -56,7 +56,7 @@ class Trainer:
         self.graphed = (GraphedStep(self.stage) if graph_skip_reason(cfg, self.s) is None
                         else None)
         self._forward = self.graphed or self.stage.forward_batch
-        self._eval_bs = cfg.train.batch_size // self.s.layout.replicas
+        self._eval_bs = cfg.train.batch_size // self.s.placement.replicas
         self.eval_batches = -(-self.s.test_samples // self._eval_bs)
         self._rounds: dict[int, tuple[torch.Tensor, object]] = {}    # stop rounds in flight
         self._gathered: dict = {}      # what this rank's collectives brought back, by name
@@ -127,7 +127,7 @@ class Trainer:
             self._batches = s.train_set.batches(
                 cfg.train.batch_size, epoch=a // s.steps_per_epoch, seed=cfg.train.seed,
                 train=True, start=a % s.steps_per_epoch,
-                shard=(s.layout.replica, s.layout.replicas))
+                shard=(s.replica, s.placement.replicas))
         self.stage.train(True)
         window_t0, window_images = time.perf_counter(), 0
         s.clock.reset()
@@ -283,14 +283,14 @@ class Trainer:
 
     def _do_write_checkpoint(self, act: Compute) -> None:
         self._gathered["checkpoint"] = checkpoints.write_module_files(
-            self.cfg.run_dir, act.index, self.stage, self.s.lam, self.s.layout.replica)
+            self.cfg.run_dir, act.index, self.stage, self.s.lam, self.s.replica)
 
     def _do_write_meta(self, act: Compute) -> None:
         s, step = self.s, act.index
         write_meta(self.cfg.run_dir, step, {
             "epoch": step // s.steps_per_epoch, "batch_in_epoch": step % s.steps_per_epoch,
             "K": len(s.all_modules), "world_size": self.env.world,
-            "replicas": s.layout.replicas, "preempted": step == self.stop.at_step},
+            "replicas": s.placement.replicas, "preempted": step == self.stop.at_step},
             self._gathered.pop("checksums"))
 
     # ---- evaluation ------------------------------------------------------------------------
@@ -302,7 +302,7 @@ class Trainer:
         self._eval_counts = {}     # module -> [top-1, top-5] correct, for modules with a head
         if s.is_first:
             self._batches = s.test_set.batches(self._eval_bs, epoch=0, seed=0, train=False,
-                                               every=(s.layout.replica, s.layout.replicas))
+                                               every=(s.replica, s.placement.replicas))
         self._run(self.sched.evaluate(self.eval_batches))
         stage.train(True)
         merged = {}
