@@ -8,7 +8,10 @@ buffers), checked against the single process on the same GPU.
 - bf16 autocast + channels-last run and train;
 - a dead rank on the GPU ends the job with the rank named, as on CPU;
 - a single-process step replayed as a CUDA graph (engine/graphs.py) equals the eager step
-  (fp32 and bf16), and a NaN planted on the device inside the graph is skipped and reported.
+  (fp32 and bf16), and a NaN planted on the device inside the graph is skipped and reported;
+- train.compile (engine/compiled.py): a compiled step, replayed as a CUDA graph, agrees with
+  the eager step within fp32 / bf16 tolerances, and compiled pipeline ranks sharing the GPU
+  agree with the eager single process (`-k compile`, what the GPU check runs first).
 
 Skipped without CUDA (CI has none). Run on a GPU machine:
   cd /work/main && OMP_NUM_THREADS=1 python -m pytest -q -m gpu tests/test_gpu.py
@@ -29,6 +32,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipemlaan.config import method_flags
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -40,10 +45,7 @@ BASE = ["--data.name=synthetic", "--data.synthetic_image=[3,32,32]", "--model.na
         "--model.K=4", "--train.batch_size=64", "--data.synthetic_size=512",
         "--train.epochs=2", "--run.progress=false", "--run.log_every=1",
         "--train.device=cuda", "--train.deterministic=true", "--run.overwrite=true"]
-METHODS = {
-    "dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
-    "infopro+mlaan": ["--method.name=infopro", "--method.mlm=true", "--method.lam=true"],
-}
+METHODS = {m: method_flags(m) for m in ("dgl+mlaan", "infopro+mlaan")}
 
 
 def _env() -> dict:
@@ -118,7 +120,7 @@ def test_async_four_ranks_and_replicas_train_on_one_gpu(tmp):
     ends (pipeline.emulate_async; bit for bit on CPU, tests/test_inprocess.py). (This short
     run stays at chance level on the synthetic task in one process too: 91.8% on CPU, so
     accuracy is no check here.)"""
-    flags = [*METHODS["dgl+mlaan"], "--pipeline.mode=async", "--pipeline.microbatches=2"]
+    flags = [*METHODS["dgl+mlaan"], "--pipeline.mode=async", "--pipeline.in_flight=2"]
     res = train(tmp, "async4", 4, flags)
     counts = res["summary"]["partition"]       # modules per rank
     emulated = train(tmp, "async4-emulated", 1,
@@ -179,17 +181,17 @@ def test_a_nan_planted_inside_the_cuda_graph_is_skipped_and_reported(tmp, monkey
     device step tensor the graph reads: skip mode counts one skipped update and finishes with
     finite weights; stop mode ends at the next logging step naming module 2 and step 5."""
     from pipemlaan.config import load_config
-    from pipemlaan.engine import stage as stage_mod
+    from pipemlaan.engine import updates as updates_mod
     from pipemlaan.engine.distributed import DistEnv
     from pipemlaan.engine.trainer import Trainer
     from pipemlaan.errors import PipemlaanError
-    original = stage_mod.Stage._guarded_step
+    original = updates_mod.Updates._guarded_step
 
     def planted(self, k, params, finite, lr, step):
         if k == 2 and params is self.body_params[k]:
             finite = finite & (self._step_dev != 5)
         return original(self, k, params, finite, lr, step)
-    monkeypatch.setattr(stage_mod.Stage, "_guarded_step", planted)
+    monkeypatch.setattr(updates_mod.Updates, "_guarded_step", planted)
     cfg = load_config(None, [*BASE, *METHODS["dgl+mlaan"], f"--train.nonfinite={mode}",
                              "--train.epochs=1", "--run.log_every=4", f"--run.dir={tmp}",
                              f"--run.name=nan-{mode}"])
@@ -207,3 +209,62 @@ def test_a_nan_planted_inside_the_cuda_graph_is_skipped_and_reported(tmp, monkey
     assert out["skipped_updates"] == {"2": 1}
     for m in trainer.stage.modules.values():
         assert all(torch.isfinite(p).all() for p in m.parameters())
+
+
+# ---- train.compile -----------------------------------------------------------------------------
+# inductor's kernels round differently from ATen's (fused batch-norm statistics, reductions in
+# another order): equal within these, over 6 steps at lr 0.1
+COMPILE_TOL = {False: dict(rel=1e-4, abs=1e-5), True: dict(rel=3e-2, abs=1e-3)}
+
+
+def _in_process(tmp: Path, name: str, flags: list[str]) -> dict:
+    """A single-process run in this process (so its stage can be looked at afterwards)."""
+    from pipemlaan.config import load_config
+    from pipemlaan.engine.distributed import DistEnv
+    from pipemlaan.engine.trainer import Trainer
+    cfg = load_config(None, [*BASE, f"--run.dir={tmp}", f"--run.name={name}", *flags])
+    trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cuda"), None, None))
+    try:
+        out = trainer.train()
+    finally:
+        trainer.close()
+    records = [json.loads(line) for line in (tmp / name / "metrics.jsonl").read_text()
+               .splitlines()]
+    return {"summary": out, "records": records, "stage": trainer.stage}
+
+
+def assert_close_runs(ref: dict, got: dict, bf16: bool) -> None:
+    a, b = losses(ref), losses(got)
+    assert set(a) == set(b) and a
+    for key in a:
+        assert b[key] == pytest.approx(a[key], **COMPILE_TOL[bf16]), key
+    assert got["summary"]["param_checksum"] == pytest.approx(
+        ref["summary"]["param_checksum"], **COMPILE_TOL[bf16])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_compiled_cuda_graph_steps_agree_with_eager_steps(tmp, bf16):
+    """6 steps: 3 eager warm-up steps (which compile every module), a capture of the compiled
+    step, 2 replays; against 6 eager steps without compilation or graph."""
+    flags = [*METHODS["dgl+mlaan"], f"--train.bf16={str(bf16).lower()}", "--train.epochs=1",
+             "--train.max_steps=6", "--train.lr_mult_g=1.3"]
+    ref = _in_process(tmp, f"eager-nocompile-{bf16}", [*flags, "--train.cuda_graphs=false"])
+    got = _in_process(tmp, f"compiled-graph-{bf16}", [*flags, "--train.compile=on"])
+    report = got["stage"].compiled.report()
+    assert report["off"] is None and report["compiled_modules"] > 0, report
+    assert got["summary"]["cuda_graph"] == {"replayed_steps": 3, "eager_steps": 3,
+                                            "off": None}, got["summary"]["cuda_graph"]
+    assert ref["stage"].compiled is None
+    assert_close_runs(ref, got, bf16)
+
+
+def test_compiled_pipeline_ranks_on_one_gpu_agree_with_the_single_process(tmp):
+    """Lockstep 2 ranks sharing the GPU, each compiling its own modules (no CUDA graph on
+    pipeline ranks), against the eager single process, fp32."""
+    flags = [*METHODS["dgl+mlaan"], "--pipeline.mode=lockstep", "--train.epochs=1",
+             "--train.max_steps=6"]
+    ref = train(tmp, "single-eager-c", 1, [*flags, "--train.cuda_graphs=false"])
+    got = train(tmp, "lock2-compiled", 2, [*flags, "--train.compile=on"])
+    for line in got["stdout"].splitlines():
+        assert "torch.compile failed" not in line and "runs eagerly" not in line, line
+    assert_close_runs(ref, got, bf16=False)
