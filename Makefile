@@ -3,7 +3,7 @@ PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 NPROC ?= 2
 
-.PHONY: setup data run test bench soak profile gpu-check clean
+.PHONY: setup data run test test-fast bench soak profile gpu-check clean
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -29,6 +29,11 @@ run: setup data
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q $(ARGS)
 
+# The tests that start no process and train no whole pipeline (under a minute), for day-to-day
+# work; `make test` runs every test.
+test-fast: setup
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" --durations=5 $(ARGS)
+
 # Throughput (CPU set, < 15 min on 2 cores): results land in benchmarks/results/.
 bench: setup
 	OMP_NUM_THREADS=1 $(PY) -m benchmarks.throughput $(ARGS)
@@ -39,11 +44,12 @@ soak: setup
 
 # Memory per device in the paper's Table 3 shape.
 profile: setup
-	OMP_NUM_THREADS=1 $(PY) -m pipemlaan.profile --table3 --ranks 4 $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.table3 --ranks 4 $(ARGS)
 
 # On a machine with one GPU (no .venv needed: runs from the tree with the machine's torch):
-# GPU tests, GPU throughput, memory per device, projections; < 8 min on one H100.
-# SMOKE=1 make gpu-check: the same steps on CPU, tiny sizes, to check the script (~30 s).
+# torch.compile vs eager, Table 3 per rank, 4 ranks sharing the GPU, projections, GPU tests;
+# at most 8 min on one H100 or H200 (BUDGET=seconds). SMOKE=1 make gpu-check: the same steps on
+# CPU, tiny sizes, to check the script (about a minute).
 gpu-check:
 	bash benchmarks/gpu_check.sh
 

@@ -26,14 +26,16 @@ import datetime as dt
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks import methods
+from benchmarks import launch
+from pipemlaan.config import load_config, method_flags
+from pipemlaan.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
+STUDY = ("bp", "dgl", "dgl+mlm", "dgl+lam", "dgl+mlaan", "infopro", "infopro+mlaan")
 RESULTS = ROOT / "benchmarks" / "results"
 
 # The MLM plan of an MLAAN variant: "dgl+mlaan:ref" (the modules before the first window have no
@@ -47,7 +49,7 @@ def plan_flags(variant: str) -> tuple[str, list[str]]:
     label, _, plan = variant.partition(":")
     if plan and plan not in PLANS:
         raise ValueError(f"unknown plan {plan!r} in {variant!r}: use {' or '.join(PLANS)}")
-    return label, [*methods.flags(label),
+    return label, [*method_flags(label),
                    f"--method.first_modules_head={PLANS[plan or 'ref']}"]
 
 
@@ -62,27 +64,22 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path, extra: tuple = 
              "--run.overwrite=true", *plan_flags(method)[1], *extra]
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
-    env = {**os.environ}
+    threads = 1
     if ranks > 1:
-        env["OMP_NUM_THREADS"] = "1"
         flags += ["--train.threads=1", "--pipeline.mode=async",
-                  f"--pipeline.microbatches={args.microbatches}"]
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
-               f"--nproc_per_node={ranks}", "-m", "pipemlaan.train", *flags]
-    else:
-        if args.jobs > 1:
-            threads = max(1, (os.cpu_count() or 1) // args.jobs)
-            flags.append(f"--train.threads={threads}")
-            env["OMP_NUM_THREADS"] = str(threads)
-        cmd = [sys.executable, "-m", "pipemlaan.train", *flags]
+                  f"--pipeline.in_flight={args.microbatches}"]
+    elif args.jobs > 1:
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        flags.append(f"--train.threads={threads}")
+    else:       # one run at a time: the threads this study was started with
+        threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    cmd = launch.train_command(ranks, flags)
+    env = launch.run_env(threads)
     if args.resume and _finished(workdir / name, flags):
         s = json.loads((workdir / name / "summary.json").read_text())
         print(f"{method:<14} seed {seed} ranks {ranks}: kept from {workdir / name}", flush=True)
         return s
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=args.timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    launch.run(cmd, env, args.timeout)
     s = json.loads((workdir / name / "summary.json").read_text())
     print(f"{method:<14} seed {seed} ranks {ranks}: top-1 error {s['test_top1_error']:.2f}% "
           f"({s['wall_s']:.0f} s, {s['images_per_s']:.0f} img/s)", flush=True)
@@ -91,8 +88,6 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path, extra: tuple = 
 
 def _finished(run_dir: Path, flags: list[str]) -> bool:
     """Whether run_dir holds a finished run of exactly the config these flags resolve to."""
-    from pipemlaan.config import load_config
-    from pipemlaan.errors import ConfigError
     if not (run_dir / "summary.json").is_file() or not (run_dir / "config.toml").is_file():
         return False
     # through load_config, so keys added to pipemlaan since that run take their defaults
@@ -143,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed, 20k images, 1 epoch")
-    p.add_argument("--methods", default=",".join(methods.STUDY))
+    p.add_argument("--methods", default=",".join(STUDY))
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--model", default="resnet20")
@@ -180,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         mb = args.microbatches
         emulated = (f"dgl+mlaan, one process emulating 4 async ranks, {mb} in flight",
                     "dgl+mlaan", ("--pipeline.emulate_async=[1,1,1,1]",
-                                  f"--pipeline.microbatches={mb}"), f"-emulate4-mb{mb}")
+                                  f"--pipeline.in_flight={mb}"), f"-emulate4-mb{mb}")
         with cf.ThreadPoolExecutor(max_workers=jobs) as pool:
             # seed by seed: a study cut short still has every method on its first seeds
             futures = {m: [] for m in chosen}

@@ -8,10 +8,13 @@ torch.distributed.pipelining), measured side by side in one invocation.
 
 Every configuration is run `--repeats` times, interleaved (A B C A B C ...) so slow drift of the
 machine hits all of them alike. Only steady state counts: the first `--warmup` steps (start-up,
-pipeline fill) are excluded, using the per-window images/s every rank writes to metrics.jsonl.
-Reported: median images/s and spread (min-max) per configuration, speed-up over the
-single-process run of the same method, and per rank the compute / receive-wait / send split.
-Results: JSON + Markdown in benchmarks/results/ and a PNG plot of the scaling curve.
+pipeline fill, torch.compile's compilation) are excluded, using the per-window images/s every
+rank writes to metrics.jsonl. Reported: median images/s and spread (min-max) per configuration,
+speed-up over the single-process run of the same method, per rank the compute / receive-wait /
+send split, and each run's wall seconds (start-up and compilation included).
+Results: JSON + Markdown in benchmarks/results/ and a PNG plot of the scaling curve. The JSON and
+Markdown are rewritten after every run, and a configuration that fails or passes `--timeout`
+is reported as failed while the others go on, so a benchmark cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -20,22 +23,17 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from benchmarks import launch
+from pipemlaan.config import method_flags
 
-from benchmarks import methods
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(os.environ.get("PIPEMLAAN_RESULTS", ROOT / "benchmarks" / "results"))
-PY = sys.executable
-TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
-
-
-
 def pipemlaan_run(args, method: str, ranks: int, workdir: Path, tag: str,
                   extra: tuple[str, ...] = ()) -> dict:
     """One pipemlaan run; returns steady-state figures read from its metrics.jsonl."""
@@ -48,19 +46,17 @@ def pipemlaan_run(args, method: str, ranks: int, workdir: Path, tag: str,
         f"--train.max_steps={steps}", f"--train.device={args.device}",
         f"--run.dir={workdir}", f"--run.name={tag}", "--run.overwrite=true",
         "--run.progress=false", f"--run.log_every={args.log_every}",
-        "--pipeline.mode=async", f"--pipeline.microbatches={args.microbatches}",
+        "--pipeline.mode=async", f"--pipeline.in_flight={args.microbatches}",
         "--train.threads=1" if args.device == "cpu" else "--train.threads=0",
-        *methods.flags(method), *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    if ranks == 0:      # the single process: no torchrun, no process group
-        cmd = [PY, "-m", "pipemlaan.train", *common]
-    else:
-        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={ranks}", "-m", "pipemlaan.train",
-               *common]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=args.timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        *method_flags(method), *extra]
+    # ranks 0: the single process, no torchrun, no process group
+    cmd = launch.train_command(ranks, common)
+    t0 = time.perf_counter()
+    proc = launch.run(cmd, launch.run_env(1), args.timeout)
+    run_s = time.perf_counter() - t0
+    # engine/compiled.py's one line when a run asked for compilation and went on eagerly
+    eager = next((line.strip() for line in proc.stdout.splitlines()
+                  if "torch.compile failed" in line or "train.compile=" in line), None)
     records = [json.loads(line) for line in (workdir / tag / "metrics.jsonl").read_text()
                .splitlines() if line.strip()]
     steady = [r for r in records if r.get("kind") == "train" and r["step"] > args.warmup
@@ -75,27 +71,25 @@ def pipemlaan_run(args, method: str, ranks: int, workdir: Path, tag: str,
                   for k in ("compute_frac", "recv_wait_frac", "send_wait_frac")}
              for rk, rs in sorted(by_rank.items())}
     summary = json.loads((workdir / tag / "summary.json").read_text())
-    return {"images_per_s": ips, "per_rank": split,
+    return {"images_per_s": ips, "per_rank": split, "run_s": run_s,
             "peak_memory_bytes": summary["peak_memory_bytes"],
-            "partition": summary["partition"], "cuda_graph": summary.get("cuda_graph")}
+            "partition": summary["partition"], "cuda_graph": summary.get("cuda_graph"),
+            "compile": summary.get("compile") or ({"off": eager} if eager else None)}
 
 
 def pipelining_run(args, schedule: str, ranks: int, workdir: Path, tag: str) -> dict:
     out = workdir / f"{tag}.json"
     c, h, w = args.image
-    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={ranks}",
-           str(ROOT / "benchmarks" / "pipelining_bp.py"), "--model", args.model,
-           "--schedule", schedule, "--batch", str(args.batch),
-           "--microbatches", str(args.bp_microbatches), "--image", f"{c},{h},{w}",
-           "--classes", "10", "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=args.timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    cmd = launch.train_command(ranks, [
+        "--model", args.model, "--schedule", schedule, "--batch", str(args.batch),
+        "--microbatches", str(args.bp_microbatches), "--image", f"{c},{h},{w}",
+        "--classes", "10", "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--out", str(out)], program=[str(ROOT / "benchmarks" / "pipelining_bp.py")])
+    t0 = time.perf_counter()
+    launch.run(cmd, launch.run_env(1), args.timeout)
     res = json.loads(out.read_text())
-    return {"images_per_s": res["images_per_s"], "per_rank": {}, "split": res.get("split")}
+    return {"images_per_s": res["images_per_s"], "per_rank": {}, "split": res.get("split"),
+            "run_s": time.perf_counter() - t0}
 
 
 def configurations(args) -> list[tuple[str, callable]]:
@@ -105,6 +99,8 @@ def configurations(args) -> list[tuple[str, callable]]:
         for method in args.methods:
             for n in args.ranks:
                 if method == "bp" and n > 1:
+                    continue
+                if method not in args.variant_methods.get(variant, [method]):
                     continue
                 label = f"{method} single" if n == 1 else f"{method} {n} ranks"
                 label += f" [{variant}]" if variant else ""
@@ -125,12 +121,16 @@ def configurations(args) -> list[tuple[str, callable]]:
 def summarise(results: dict[str, list[dict]]) -> dict[str, dict]:
     out = {}
     for label, runs in results.items():
+        if not runs:            # failed, or not reached yet
+            continue
         ips = [r["images_per_s"] for r in runs]
         out[label] = {"median": statistics.median(ips), "min": min(ips), "max": max(ips),
                       "runs": ips, "per_rank": runs[-1].get("per_rank", {}),
                       "peak_memory_bytes": runs[-1].get("peak_memory_bytes"),
                       "partition": runs[-1].get("partition"),
-                      "cuda_graph": runs[-1].get("cuda_graph")}
+                      "cuda_graph": runs[-1].get("cuda_graph"),
+                      "compile": runs[-1].get("compile"),
+                      "run_s": [r.get("run_s") for r in runs]}
     for label, s in out.items():
         method, variant = label.split(" ")[0], _variant(label)
         base = out.get(f"{method} single{variant}")
@@ -151,19 +151,13 @@ def _variant(label: str) -> str:
     return label[label.rindex(" ["):] if label.endswith("]") else ""
 
 
-def versions() -> dict:
-    import torch
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "machine": platform.machine(), "cpus": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-
-
-def write_outputs(args, summary: dict, stamp: str) -> Path:
+def write_outputs(args, summary: dict, stamp: str, failed: dict | None = None,
+                  complete: bool = True) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"throughput-{args.device}-{args.name + '-' if args.name else ''}{stamp}"
     payload = {"date": stamp, "args": {k: v for k, v in vars(args).items()},
-               "versions": versions(), "results": summary}
+               "versions": launch.machine(), "complete": complete, "failed": failed or {},
+               "results": summary}
     base.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     lines = [f"# Throughput, {args.device.upper()}, {stamp}", "",
              f"Command: `python -m benchmarks.throughput {' '.join(args.argv)}`", "",
@@ -174,11 +168,12 @@ def write_outputs(args, summary: dict, stamp: str) -> Path:
              *([f"Variants (train overrides each method ran under): "
                 + "; ".join(f"[{v}] `{' '.join(x) or 'defaults'}`" for v, x in args.variants),
                 ""] if args.variants[0][0] else []),
-             f"Machine: {json.dumps(versions())}", "",
+             f"Machine: {json.dumps(launch.machine())}", "",
+             *([] if complete else ["**Incomplete**: written while the benchmark ran.", ""]),
              "| configuration | images/s median | min-max | vs single process | vs BP | "
              "vs torch.pipelining 1F1B BP | peak memory (MiB, per rank) | "
-             "per rank compute / recv wait / send wait |",
-             "|---|---|---|---|---|---|---|---|"]
+             "per rank compute / recv wait / send wait | run s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for label, s in summary.items():
         split = "; ".join(f"r{r}: {v['compute_frac']:.0%} / {v['recv_wait_frac']:.0%} / "
                           f"{v['send_wait_frac']:.0%}" for r, v in s["per_rank"].items())
@@ -186,10 +181,15 @@ def write_outputs(args, summary: dict, stamp: str) -> Path:
         bp = f"{s['ratio_vs_1f1b_bp']:.2f}x" if s["ratio_vs_1f1b_bp"] else "-"
         vs_bp = f"{s['ratio_vs_bp']:.3f}x" if s.get("ratio_vs_bp") else "-"
         mem = " / ".join(f"{b / 2**20:.0f}" for b in s.get("peak_memory_bytes") or []) or "-"
+        run_s = " / ".join(f"{t:.0f}" for t in s.get("run_s") or [] if t is not None)
         lines.append(f"| {label} | {s['median']:.1f} | {s['min']:.1f}-{s['max']:.1f} | {sp} | "
-                     f"{vs_bp} | {bp} | {mem} | {split or '-'} |")
+                     f"{vs_bp} | {bp} | {mem} | {split or '-'} | {run_s or '-'} |")
+    for label, why in (failed or {}).items():
+        last = ([line for line in why.splitlines() if line.strip()] or [""])[-1].strip()
+        lines.append(f"| {label} | failed: {last[:200]} | | | | | | | |")
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    plot(summary, args, base.with_suffix(".png"))
+    if complete and summary:
+        plot(summary, args, base.with_suffix(".png"))
     return base
 
 
@@ -247,50 +247,80 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="",
                    help='run every configuration under each set of train overrides, e.g. '
                         '"bf16=;fp32=--train.bf16=false" (NAME=FLAGS separated by ";", flags by '
-                        'spaces); labels get " [NAME]"')
+                        'spaces); labels get " [NAME]". NAME:METHOD,METHOD=FLAGS runs that '
+                        'variant for those methods only, e.g. '
+                        '"bf16=;compiled:dgl+mlaan=--train.compile=on"')
     p.add_argument("--name", default="", help="goes into the output file names")
     args = p.parse_args(argv)
     args.argv = argv
     args.methods = args.methods.split(",")
     args.ranks = [int(x) for x in args.ranks.split(",")]
-    args.variants = ([(v.partition("=")[0].strip(), tuple(v.partition("=")[2].split()))
-                      for v in args.variants.split(";") if v.strip()] or [("", ())])
+    variants = [(v.partition("=")[0].strip(), tuple(v.partition("=")[2].split()))
+                for v in args.variants.split(";") if v.strip()] or [("", ())]
+    args.variants = [(name.partition(":")[0], flags) for name, flags in variants]
+    args.variant_methods = {name.partition(":")[0]: name.partition(":")[2].split(",")
+                            for name, _ in variants if ":" in name}
+    for name, only in args.variant_methods.items():
+        if not set(only) <= set(args.methods):
+            p.error(f"--variants {name}: methods {only} are not all in --methods")
     args.image = tuple(int(x) for x in args.image.split(","))
     if args.warmup % args.log_every:
         p.error("--warmup must be a multiple of --log-every")
 
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
     console = Console()
+    launch.end_all_on_signal()      # `timeout` around this: end the runs too
     confs = configurations(args)
     results: dict[str, list[dict]] = {label: [] for label, _ in confs}
+    failed: dict[str, str] = {}
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     with tempfile.TemporaryDirectory(prefix="pipemlaan-bench-") as tmp:
         for rep in range(args.repeats):
             for i, (label, runner) in enumerate(confs):
-                res = runner(Path(tmp), f"r{rep}c{i}")
+                if label in failed:
+                    continue
+                try:
+                    res = runner(Path(tmp), f"r{rep}c{i}")
+                except (RuntimeError, OSError, KeyError, ValueError) as e:
+                    failed[label] = str(e)
+                    lines = [line for line in str(e).splitlines() if line.strip()] or [""]
+                    console.print(f"repeat {rep + 1}/{args.repeats}  {label:<36} FAILED: "
+                                  f"{lines[-1].strip()[:300]}", soft_wrap=True,
+                                  highlight=False, markup=False)
+                    continue
                 results[label].append(res)
                 graph = res.get("cuda_graph") or {}
+                # markup off: a variant's "[NAME]" is part of the label, not a style
                 console.print(f"repeat {rep + 1}/{args.repeats}  {label:<36} "
-                              f"{res['images_per_s']:8.1f} images/s"
+                              f"{res['images_per_s']:8.1f} images/s  ({res['run_s']:.0f} s)"
                               + (f"  (CUDA graph: {graph['replayed_steps']} steps replayed)"
-                                 if graph.get("replayed_steps") else ""))
+                                 if graph.get("replayed_steps") else "")
+                              + (f"  (eager: {res['compile']['off']})"
+                                 if (res.get("compile") or {}).get("off") else ""),
+                              soft_wrap=True, markup=False, highlight=False)
+                write_outputs(args, summarise(results), stamp, failed, complete=False)
     summary = summarise(results)
+    if not summary:
+        console.print("every configuration failed")
+        write_outputs(args, summary, stamp, failed)
+        return 1
     table = Table(title=f"Steady-state throughput, {args.model} K={args.K}, batch {args.batch}")
     for col in ("configuration", "median img/s", "min-max", "vs single", "vs BP",
                 "vs 1F1B BP", "recv wait per rank"):
         table.add_column(col, justify="right")
     for label, s in summary.items():
-        table.add_row(label, f"{s['median']:.1f}", f"{s['min']:.0f}-{s['max']:.0f}",
+        table.add_row(escape(label), f"{s['median']:.1f}", f"{s['min']:.0f}-{s['max']:.0f}",
                       f"{s['speedup_vs_single']:.2f}x" if s["speedup_vs_single"] else "-",
                       f"{s['ratio_vs_bp']:.3f}x" if s["ratio_vs_bp"] else "-",
                       f"{s['ratio_vs_1f1b_bp']:.2f}x" if s["ratio_vs_1f1b_bp"] else "-",
                       " ".join(f"{v['recv_wait_frac']:.0%}" for v in s["per_rank"].values())
                       or "-")
     console.print(table)
-    base = write_outputs(args, summary, stamp)
+    base = write_outputs(args, summary, stamp, failed)
     console.print(f"wrote {base}.json, .md and .png")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

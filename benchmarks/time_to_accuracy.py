@@ -18,15 +18,13 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
+from benchmarks import launch
+from pipemlaan.config import method_flags
 
-from benchmarks import methods
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -47,19 +45,10 @@ def run(args, name: str, method: str, ranks: int, workdir: Path) -> dict:
              f"--train.lr={args.lr}", f"--train.seed={args.seed}",
              f"--train.threads={threads}", f"--run.dir={workdir}", f"--run.name={tag}",
              "--run.overwrite=true", "--run.progress=false", "--run.log_every=50",
-             "--pipeline.mode=async", *methods.flags(method)]
+             "--pipeline.mode=async", *method_flags(method)]
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if ranks == 1:
-        cmd = [sys.executable, "-m", "pipemlaan.train", *flags]
-    else:
-        cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone",
-               f"--nproc_per_node={ranks}", "-m", "pipemlaan.train", *flags]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=args.timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    launch.run(launch.train_command(ranks, flags), launch.run_env(threads), args.timeout)
     lines = [json.loads(x) for x in (workdir / tag / "metrics.jsonl").read_text().splitlines()]
     curve = [{"epoch": r["epoch"], "train_s": r["train_s"],
               "test_accuracy": 100.0 - r["test_top1_error"]}
@@ -98,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(run(args, name, method, ranks or args.ranks, Path(tmp)))
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"time-to-accuracy-cpu-{stamp}"
-    machine = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
-               "torch": torch.__version__, "python": platform.python_version()}
+    machine = launch.machine()
     base.with_suffix(".json").write_text(json.dumps(
         {"date": stamp, "args": vars(args), "machine": machine, "rows": rows}, indent=1))
     head = " | ".join(f"epoch {e + 1}" for e in range(args.epochs))
@@ -107,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
              f"Command: `python -m benchmarks.time_to_accuracy {' '.join(sys.argv[1:])}`", "",
              f"{args.model} (K={args.K} for local methods), batch {args.batch}, lr {args.lr}, "
              f"{args.epochs} epochs of {args.train_subset or 60000} training images, full test "
-             f"set, seed {args.seed}; {machine['cpu_count']} CPU cores shared out among the "
+             f"set, seed {args.seed}; {machine['cpus']} CPU cores shared out among the "
              f"ranks; torch {machine['torch']}; {machine['platform']}.", "",
              "Test accuracy (%) after each epoch:", "",
              f"| configuration | ranks x threads | {head} | training s | images/s | "

@@ -8,12 +8,15 @@ compute or file is written, and raises `ConfigError` with one line naming the fi
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipemlaan.errors import ConfigError
+from pipemlaan.models import num_blocks
 
 MODELS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
           "resnet34", "resnet101", "resnet152")
@@ -119,6 +122,9 @@ class TrainConfig:
                            "replay it (CUDA, one stage, no replicas; pipeline ranks run eagerly)")
     deterministic: bool = _f(False, "deterministic algorithms (torch and cuDNN): bit-equal runs "
                              "on CUDA across processes, at some speed")
+    compile: str = _f("off", "off | on | auto: torch.compile (inductor) each module's body and "
+                      "heads, eager if compiling fails (auto: on for CUDA ranks when triton is "
+                      "installed, off on CPU; composes with train.cuda_graphs)")
 
 
 @dataclass
@@ -141,16 +147,16 @@ class PipelineConfig:
                    "async (several in flight, throughput)")
     partition: list = _f([], "modules per stage (rank of a replica), e.g. [2, 2]; empty = "
                          "balanced from measured cost")
-    microbatches: int = _f(2, "batches in flight per rank in async mode (>= 1); each one "
+    in_flight: int = _f(2, "batches in flight per rank in async mode (>= 1); each one "
                            "beyond the first delays window gradients a step (faster, less "
                            "accurate on short runs: see README)")
     emulate_async: list = _f([], "one process only: delay window gradients and LAM snapshots "
                              "exactly as an async pipeline with these module counts per rank "
-                             "and pipeline.microbatches in flight would (what staleness alone "
+                             "and pipeline.in_flight in flight would (what staleness alone "
                              "costs); [] = off")
     predict_weights: bool = _f(False, "async: modules whose window gradient comes a step late "
                                "run their forward on weights predicted along the momentum "
-                               "(w - (microbatches-1) x lr x momentum buffer, SpecTrain), so "
+                               "(w - (in_flight-1) x lr x momentum buffer, SpecTrain), so "
                                "the late gradient is taken near the weights it updates")
     lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")
     timeout_s: float = _f(120.0, "seconds any wait on a peer may take before the run stops "
@@ -193,12 +199,32 @@ class Config:
         return dataclasses.asdict(self)
 
 
+# a method's label (what benchmarks, tables and run names call it) <-> its three keys
+_MIXES = {"": (False, False), "mlm": (True, False), "lam": (False, True), "mlaan": (True, True)}
+
+
 def method_label(m: MethodConfig) -> str:
     """A short name for a method setting: bp, dgl, dgl+mlm, dgl+lam, dgl+mlaan, ..."""
     if m.name == "bp":
         return "bp"
-    extra = {(True, True): "+mlaan", (True, False): "+mlm", (False, True): "+lam"}
-    return m.name + extra.get((m.mlm, m.lam), "")
+    mix = next(k for k, v in _MIXES.items() if v == (m.mlm, m.lam))
+    return m.name + (f"+{mix}" if mix else "")
+
+
+def parse_method(label: str) -> tuple[str, bool, bool]:
+    """'dgl+mlaan' -> ('dgl', mlm=True, lam=True); the inverse of `method_label`."""
+    name, _, mix = label.partition("+")
+    if name not in METHODS or mix not in _MIXES or (name == "bp" and mix):
+        raise ConfigError(f"unknown method {label!r}: write NAME, NAME+mlm, NAME+lam or "
+                          f"NAME+mlaan with NAME one of {', '.join(METHODS)} (bp alone)")
+    return (name, *_MIXES[mix])
+
+
+def method_flags(label: str) -> list[str]:
+    """The `--section.key=value` overrides that select a method by its label."""
+    name, mlm, lam = parse_method(label)
+    return [f"--method.name={name}", f"--method.mlm={str(mlm).lower()}",
+            f"--method.lam={str(lam).lower()}"]
 
 
 def _coerce(value: Any, default: Any, where: str) -> Any:
@@ -244,7 +270,17 @@ def _num(v: Any) -> Any:
     return v
 
 
+# keys renamed: old name -> new name, accepted for now with a one-line notice
+RENAMED = {"pipeline.microbatches": "pipeline.in_flight"}
+
+
 def _apply(cfg: Config, section: str, key: str, value: Any, origin: str) -> None:
+    new = RENAMED.get(f"{section}.{key}")
+    if new is not None:
+        if os.environ.get("RANK", "0") == "0":      # once per launch, not once per rank
+            sys.stderr.write(f"pipemlaan: {section}.{key} is now {new} ({origin}); the old "
+                             f"name will go\n")
+        section, key = new.split(".")
     if section not in SECTIONS:
         raise ConfigError(f"{origin}: unknown section [{section}]; sections are "
                           f"{', '.join(SECTIONS)}")
@@ -287,8 +323,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 def validate(cfg: Config) -> None:
     """Checks that need no data or process group; raises ConfigError naming the fix."""
-    from pipemlaan.models import num_blocks  # models validate their own names
-
     m, meth, d, t, p = cfg.model, cfg.method, cfg.data, cfg.train, cfg.pipeline
     blocks = num_blocks(m.name)
     if meth.name not in METHODS:
@@ -327,7 +361,8 @@ def validate(cfg: Config) -> None:
                                 ("method.heads", meth.heads, ("reference", "compact")),
                                 ("method.infopro_ratio", meth.infopro_ratio,
                                  ("auto", "stage", "module")),
-                                ("method.leap_init", meth.leap_init, ("auto", "copy", "fresh"))):
+                                ("method.leap_init", meth.leap_init, ("auto", "copy", "fresh")),
+                                ("train.compile", t.compile, ("off", "on", "auto"))):
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is unknown; use one of {', '.join(allowed)}")
     if len(meth.infopro_recon) != 2 or len(meth.infopro_ce) != 2:
@@ -343,8 +378,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps={t.max_steps}: use 0 for no limit")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr}: must be positive")
-    if p.microbatches < 1:
-        raise ConfigError(f"pipeline.microbatches={p.microbatches}: must be at least 1")
+    if p.in_flight < 1:
+        raise ConfigError(f"pipeline.in_flight={p.in_flight}: must be at least 1")
     if p.lam_sync_every < 1:
         raise ConfigError(f"pipeline.lam_sync_every={p.lam_sync_every}: must be at least 1")
     if p.replicas < 1:
@@ -412,11 +447,12 @@ def _toml_value(v: Any) -> str:
     raise TypeError(f"cannot write {v!r} as TOML")
 
 
-def describe() -> str:
-    """The config reference as Markdown (used by --help-config and the README)."""
+def describe(level: int = 3) -> str:
+    """The config reference as Markdown, one table per section under headings of `level`
+    (`--help-config`; docs/config.md is `--help-config --markdown`, pipemlaan/train.py)."""
     out = []
     for section, cls in SECTIONS.items():
-        out.append(f"### [{section}]\n\n| key | default | meaning |\n|---|---|---|")
+        out.append(f"{'#' * level} [{section}]\n\n| key | default | meaning |\n|---|---|---|")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             meaning = f.metadata["help"].replace("|", "\\|")

@@ -26,6 +26,19 @@ for _folder in (str(_TESTS.parent), str(_TESTS)):      # tests/ ends up first
         sys.path.insert(0, _folder)
 
 
+# Modules whose tests start processes (torchrun, the CLI) or train whole pipelines: marked slow,
+# so `make test-fast` (pytest -m "not slow") keeps the pure-logic tests, under a minute.
+SLOW_MODULES = {"test_pipeline", "test_inprocess", "test_faults", "test_preempt", "test_order",
+                "test_multinode", "test_soak", "test_pipelining_bp", "test_host_staging",
+                "test_compile", "test_cka", "test_no_host_sync"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def inprocess_runs(tmp_path_factory):
     from runs import InProcessRuns

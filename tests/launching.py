@@ -1,7 +1,7 @@
-"""What the tests that start real training processes share: the interpreter and torchrun of the
-project's .venv (or of the running Python), a clean environment for a launch, processes in
-sessions of their own that a failing test kills with everything they started, polling for what
-a run wrote, and reading its checkpoints.
+"""What the tests that start real training processes share: the launch command and its clean
+environment (benchmarks/launch.py, the same as the benchmarks'), processes in sessions of their
+own that a failing test kills with everything they started, polling for what a run wrote, and
+reading its checkpoints.
 
 Not a test module; imported by test_pipeline, test_faults, test_preempt, test_order, test_soak
 and test_pipelining_bp.
@@ -15,7 +15,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from contextlib import contextmanager
@@ -23,25 +22,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-_VENV_BIN = REPO / ".venv" / "bin"
-PYTHON = str(_VENV_BIN / "python") if (_VENV_BIN / "python").exists() else sys.executable
-TORCHRUN = (str(_VENV_BIN / "torchrun") if (_VENV_BIN / "torchrun").exists()
-            else str(Path(sys.executable).with_name("torchrun")))
-
-# set by torchrun for its workers: a test run from inside one must not hand them on
-_INHERITED = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
-              "MASTER_ADDR", "MASTER_PORT")
+# PYTHON, TORCHRUN and REPO are handed on to the test modules
+from benchmarks.launch import PYTHON, TORCHRUN, run_env, train_command  # noqa: F401
+from benchmarks.launch import ROOT as REPO
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    """This process's environment without torchrun's per-worker variables, one thread per
-    rank, plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in _INHERITED and not k.startswith("TORCHELASTIC_")}
-    env["OMP_NUM_THREADS"] = "1"
-    env.update(extra)
-    return env
+    """A launch's environment: one thread per rank, plus `extra`."""
+    return run_env(1, **extra)
 
 
 RUN_TIMEOUT_S = 240      # any launch that should finish: a hang fails the test
@@ -60,10 +48,8 @@ def unique_name(prefix: str) -> str:
 
 
 def train_cmd(ranks: int, args: list[str], *, restarts: int = 0) -> list[str]:
-    if ranks == 1:
-        return [PYTHON, "-m", "pipemlaan.train", *args]
-    return [TORCHRUN, "--standalone", f"--nproc_per_node={ranks}", "--monitor-interval=0.5",
-            f"--max-restarts={restarts}", "-m", "pipemlaan.train", *args]
+    return train_command(ranks, args, torchrun_args=("--monitor-interval=0.5",
+                                                     f"--max-restarts={restarts}"))
 
 
 class Proc:

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipemlaan.config import load_config
+from pipemlaan.config import load_config, method_flags
 from pipemlaan.data import dataset_spec
 from pipemlaan.local.module import build_local_modules
 
@@ -66,15 +66,10 @@ ASYNC_STEPS = ASYNC_EPOCHS * (ASYNC_SAMPLES // BATCH)
 ASYNC = TINY + [f"--data.synthetic_size={ASYNC_SAMPLES}", f"--train.epochs={ASYNC_EPOCHS}",
                 "--pipeline.mode=async"]
 
-METHODS = {
-    "dgl": ["--method.name=dgl", "--method.mlm=false", "--method.lam=false"],
-    "dgl+mlm": ["--method.name=dgl", "--method.mlm=true", "--method.lam=false"],
-    "dgl+lam": ["--method.name=dgl", "--method.mlm=false", "--method.lam=true"],
-    "dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
-    "infopro+mlaan": ["--method.name=infopro", "--method.mlm=true", "--method.lam=true"],
-}
+METHODS = {m: method_flags(m) for m in ("dgl", "dgl+mlm", "dgl+lam", "dgl+mlaan",
+                                         "infopro+mlaan")}
 MLAAN = METHODS["dgl+mlaan"]
-BP = ["--method.name=bp", "--method.mlm=false", "--method.lam=false"]
+BP = method_flags("bp")
 LOCK_RANKS = [2, 3, 4]       # pipelines of K=4 modules compared with the single process
 
 WINDOW3_K = 6
@@ -88,7 +83,7 @@ ASYNC_CASES = [(2, 2), (2, 3), (4, 2), (4, 3)]
 
 # LAM across ranks in async mode: a fast EMA, so a twin that follows its live block ends up
 # close to it
-ASYNC_LAM = [*ASYNC, *MLAAN, "--method.ema_decay=0.9", "--pipeline.microbatches=2",
+ASYNC_LAM = [*ASYNC, *MLAAN, "--method.ema_decay=0.9", "--pipeline.in_flight=2",
              "--pipeline.partition=[1,1,1,1]"]
 
 # Data-parallel replicas. At lr 0.1 these 16-image runs are chaotic enough that float rounding
@@ -123,17 +118,17 @@ for _n in (2, 4):
     TRAIN_RUNS[f"lock-sync3-{_n}"] = (_n, SYNC3)
 for _n, _mb in ASYNC_CASES:
     # a fixed partition, so runs with different microbatches have comparable ranks
-    TRAIN_RUNS[f"async-{_n}-mb{_mb}"] = (_n, [*ASYNC, *MLAAN, f"--pipeline.microbatches={_mb}",
+    TRAIN_RUNS[f"async-{_n}-mb{_mb}"] = (_n, [*ASYNC, *MLAAN, f"--pipeline.in_flight={_mb}",
                                              _partition(_n)])
 # one process emulating those async pipelines (engine/stage.py [Note: emulated staleness])
 EMULATED_CASES = [(4, 2), (2, 3)]
 for _n, _mb in EMULATED_CASES:
-    TRAIN_RUNS[f"emulate-{_n}-mb{_mb}"] = (1, [*ASYNC, *MLAAN, f"--pipeline.microbatches={_mb}",
+    TRAIN_RUNS[f"emulate-{_n}-mb{_mb}"] = (1, [*ASYNC, *MLAAN, f"--pipeline.in_flight={_mb}",
                                                _partition(_n).replace("partition",
                                                                       "emulate_async")])
 TRAIN_RUNS["ref-async-single"] = (1, [*ASYNC, *MLAAN])
 # weight prediction, in the pipeline and emulated in one process
-_PRED = [*ASYNC, *MLAAN, "--pipeline.microbatches=2", "--pipeline.predict_weights=true"]
+_PRED = [*ASYNC, *MLAAN, "--pipeline.in_flight=2", "--pipeline.predict_weights=true"]
 TRAIN_RUNS["async-2-mb2-pred"] = (2, [*_PRED, _partition(2)])
 TRAIN_RUNS["emulate-2-mb2-pred"] = (1, [*_PRED, _partition(2).replace("partition",
                                                                          "emulate_async")])
@@ -144,9 +139,9 @@ REF_PLAN_ASYNC = [a for a in ASYNC if a not in _DEFAULTS] + MLAAN
 TRAIN_RUNS["ref-refplan"] = (1, REF_PLAN)
 TRAIN_RUNS["lock-refplan-2"] = (2, REF_PLAN)
 TRAIN_RUNS["lock-refplan-3"] = (3, REF_PLAN)
-TRAIN_RUNS["async-refplan-2"] = (2, [*REF_PLAN_ASYNC, "--pipeline.microbatches=2",
+TRAIN_RUNS["async-refplan-2"] = (2, [*REF_PLAN_ASYNC, "--pipeline.in_flight=2",
                                      "--pipeline.partition=[1,3]"])
-TRAIN_RUNS["emulate-refplan-2"] = (1, [*REF_PLAN_ASYNC, "--pipeline.microbatches=2",
+TRAIN_RUNS["emulate-refplan-2"] = (1, [*REF_PLAN_ASYNC, "--pipeline.in_flight=2",
                                        "--pipeline.emulate_async=[1,3]"])
 TRAIN_RUNS["async-lam-4"] = (4, ASYNC_LAM)
 TRAIN_RUNS["async-lam-4-again"] = (4, ASYNC_LAM)
@@ -162,7 +157,7 @@ TRAIN_RUNS["dp-2x2-async"] = (4, [*ASYNC, *MLAAN, "--pipeline.replicas=2"])
 # What a user runs first: every default (ResNet-20, K=4, the reference heads and plan, async,
 # the live view on) but the data's size, for every method mix on 2 and 4 ranks.
 USED_BY = ["--data.name=synthetic", "--data.synthetic_image=[3,8,8]", "--data.synthetic_size=64",
-           "--data.test_subset=32", "--train.batch_size=16", "--train.epochs=2",
+           "--data.test_subset=32", "--train.batch_size=16", "--train.epochs=1",
            "--run.log_every=1", "--train.device=cpu"]
 VIEW_RANKS = [2, 4]
 for _m, _margs in METHODS.items():

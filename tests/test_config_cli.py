@@ -219,6 +219,7 @@ def error_runs(tmp_path_factory):
     return done
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", [c for c in ERROR_CASES if c != "existing_run_dir"])
 def test_cli_errors_exit_2_with_one_line_and_no_run_dir(error_runs, case):
     tmp, proc = error_runs[case]
@@ -226,6 +227,7 @@ def test_cli_errors_exit_2_with_one_line_and_no_run_dir(error_runs, case):
     assert not (tmp / "runs" / "r").exists()
 
 
+@pytest.mark.slow
 def test_cli_refuses_an_existing_run_dir(error_runs):
     tmp, proc = error_runs["existing_run_dir"]
     line = assert_one_line_error(proc, *ERROR_CASES["existing_run_dir"][1])
@@ -269,6 +271,7 @@ def read_summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
+@pytest.mark.slow
 def test_cli_run_writes_config_metrics_summary_and_checkpoint(finished_run):
     root, run, args = finished_run
     K = 4
@@ -326,6 +329,7 @@ def test_cli_run_writes_config_metrics_summary_and_checkpoint(finished_run):
     assert all((metas[-1].parent / name).is_file() for name in meta["files"])
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_continues(finished_run, tmp_path):
     root, run, args = finished_run
     copy = tmp_path / "runs" / "a"
@@ -343,6 +347,7 @@ def test_resume_with_more_epochs_continues(finished_run, tmp_path):
     assert after["param_checksum"] != before["param_checksum"]
 
 
+@pytest.mark.slow
 def test_resume_from_the_midpoint_reproduces_the_uninterrupted_run(finished_run):
     root, run, _ = finished_run
     reference = read_summary(run)["param_checksum"]
@@ -358,3 +363,16 @@ def test_resume_from_the_midpoint_reproduces_the_uninterrupted_run(finished_run)
     want = read_summary(run)["final_train_loss_per_module"]
     assert full["final_train_loss_per_module"][:2] == want[:2] == [None, None]
     assert full["final_train_loss_per_module"][2:] == pytest.approx(want[2:], rel=1e-6)
+
+
+def test_a_renamed_key_still_works_with_a_notice(capsys, tmp_path):
+    """pipeline.microbatches (batches in flight, not micro-batches) is now pipeline.in_flight;
+    the old name, on the command line or in a TOML file, sets the new key and says so once."""
+    cfg = load_config(None, ["--pipeline.microbatches=3"])
+    assert cfg.pipeline.in_flight == 3
+    assert "pipeline.microbatches is now pipeline.in_flight" in capsys.readouterr().err
+    path = tmp_path / "old.toml"
+    path.write_text("[pipeline]\nmicrobatches = 4\n")
+    assert load_config(path).pipeline.in_flight == 4
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(path) in err

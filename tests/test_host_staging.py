@@ -1,10 +1,10 @@
-"""Ranks that share a GPU: the backend choice and its one-line errors, and the host-staged
-transport (every exchanged tensor through a host buffer) giving the same training as direct
-exchanges. The CUDA side of the staging is the same code with device tensors; it runs in the
-GPU check (benchmarks/gpu_check.sh) where a GPU is at hand. Also the per-rank traces of
+"""On CPU, what ranks sharing a GPU rely on: the backend choice and its one-line errors, and the
+host-staged transport (every exchanged tensor through a host buffer) giving the same training
+as direct exchanges. The CUDA side of the staging is the same code with device tensors; it runs
+in the GPU check (benchmarks/gpu_check.sh) where a GPU is at hand. Also the per-rank traces of
 run.profile_steps (what a user opens in Perfetto to see where a rank waits).
 
-Run: cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_shared_gpu.py -q
+Run: cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_host_staging.py -q
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def test_every_method_mix_runs_with_the_defaults_and_the_live_view(runs, method,
     only through a window) once ended such runs at their first log line."""
     got = runs.get(f"defaults-{method}-{ranks}")
     summary = got.summary()
-    assert summary["world_size"] == ranks and summary["steps"] == 8, got.describe()
+    assert summary["world_size"] == ranks and summary["steps"] == 4, got.describe()
     cfg = load_config(None, [*USED_BY, *METHODS[method]])
     _, mods = build_local_modules(cfg, dataset_spec(cfg.data))
     headless = [m.index for m in mods if m.g is None and m.index != len(mods) - 1]

@@ -182,7 +182,7 @@ def one_step(cfg, seed: int = 0):
     y = torch.randint(0, spec.num_classes, (8,), generator=g)
     images = x.clone()
     stage = Stage(cfg, mods, window_plan(cfg, len(mods)), CPU)
-    stage.forward_batch(0, 1.0, x, y, images)
+    stage.train_step(0, 1.0, x, y, images)
     oracle = Oracle(copy.deepcopy(before), cfg, x, y, images)
     return before, mods, oracle
 
@@ -327,7 +327,7 @@ def test_twin_gets_no_grad_in_a_stage_step_and_is_not_optimised():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(8, spec.in_channels, *spec.image_size, generator=g)
     y = torch.randint(0, spec.num_classes, (8,), generator=g)
-    stage.forward_batch(0, 0.1, x, y, None)
+    stage.train_step(0, 0.1, x, y, None)
     twins = [m.twin for m in mods if m.twin is not None]
     assert twins
     for t in twins:
@@ -394,7 +394,7 @@ def test_lam_sync_moves_twin_toward_live_block():
                 torch.testing.assert_close(a, m_ * b + (1 - m_) * l, rtol=1e-6, atol=1e-7)
             if t >= 1:   # the live block trained at step t-1, so the twin moved
                 assert any(not torch.equal(a, b) for a, b in zip(after, twin_before[m.index]))
-        stage.forward_batch(t, 0.1, x, y, None)
+        stage.train_step(t, 0.1, x, y, None)
 
 
 def test_ema_only_last_updates_only_the_last_twin():
@@ -408,7 +408,7 @@ def test_ema_only_last_updates_only_the_last_twin():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(16, spec.in_channels, *spec.image_size, generator=g)
     y = torch.randint(0, spec.num_classes, (16,), generator=g)
-    stage.forward_batch(0, 0.1, x, y, None)
+    stage.train_step(0, 0.1, x, y, None)
     before = {m.index: [s.clone() for s in block_state(m.twin)] for m in followers}
     lam.ema(1, {})
     last = max(m.index for m in followers)
@@ -431,6 +431,7 @@ LEARN = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("label", list(LEARN))
 def test_short_run_lowers_every_module_loss(label):
     torch.manual_seed(0)
@@ -446,7 +447,7 @@ def test_short_run_lowers_every_module_loss(label):
               train.batches(bs, epoch=epoch, seed=0, train=True))
     for t in range(steps):
         x, y = next(stream)
-        stage.forward_batch(t, cfg.train.lr, x, y, x if cfg.method.name == "infopro" else None)
+        stage.train_step(t, cfg.train.lr, x, y, x if cfg.method.name == "infopro" else None)
         history.append([float(stage.losses[k]) for k in sorted(stage.losses)])
     # modules before the first MLM window have no loss of their own
     have_loss = [k for k in range(K) if mods[k].g is not None or mods[k].h is not None]

@@ -59,7 +59,7 @@ def counted(monkeypatch):
 
     def run(self, actions):
         actions = list(actions)
-        steps = [a.index for a in actions if isinstance(a, Compute) and a.name == "forward"]
+        steps = [a.index for a in actions if isinstance(a, Compute) and a.name == "step"]
         if not steps:
             return original(self, actions)
         with Counter() as c:
@@ -103,14 +103,14 @@ def test_a_planted_nan_is_skipped_on_the_device_and_reported(tmp_path, monkeypat
     """A NaN planted in module 1's loss at step 5: that module's update is skipped (no weight
     turns non-finite); stop mode ends the run at the next logging step (8) naming module 1
     and step 5; skip mode finishes and counts the skipped update."""
-    from pipemlaan.engine import stage as stage_mod
-    original = stage_mod.Stage._guarded_step
+    from pipemlaan.engine import updates as updates_mod
+    original = updates_mod.Updates._guarded_step
 
     def planted(self, k, params, finite, lr, step):
         if k == 1 and step == 5 and params is self.head_params[k]:
             finite = finite & torch.tensor(False)
         return original(self, k, params, finite, lr, step)
-    monkeypatch.setattr(stage_mod.Stage, "_guarded_step", planted)
+    monkeypatch.setattr(updates_mod.Updates, "_guarded_step", planted)
     args = TINY + [f"--train.nonfinite={mode}", f"--run.dir={tmp_path}", "--run.name=nan"]
     if mode == "stop":
         with pytest.raises(PipemlaanError, match=r"rank 0: module 1 .* at step 5"):
@@ -137,23 +137,23 @@ class _ScalarsOnCpu:
     def __call__(self, step, lr, x, labels, images):
         self.stage.set_scalars(step, lr)
         self.eager_steps += 1
-        return self.stage.forward_batch(step, lr, x, labels, images)
+        return self.stage.train_step(step, lr, x, labels, images)
 
 
 def test_device_scalars_give_the_same_run_bit_for_bit(tmp_path, monkeypatch):
     """The graph mode's lr and step tensors ([Note: device scalars]) change nothing: with a
     warm-up schedule (a new lr every step), lr multipliers on every group and a planted NaN at
     step 5 (found through the step tensor), the run equals the plain one bit for bit."""
-    from pipemlaan.engine import stage as stage_mod
+    from pipemlaan.engine import updates as updates_mod
     from pipemlaan.engine import trainer as trainer_mod
-    original = stage_mod.Stage._guarded_step
+    original = updates_mod.Updates._guarded_step
 
     def planted(self, k, params, finite, lr, step):
         at = step if self._step_dev is None else self._step_dev     # the graph's step
         if k == 2 and params is self.body_params[k]:
             finite = finite & (torch.as_tensor(at) != 5)
         return original(self, k, params, finite, lr, step)
-    monkeypatch.setattr(stage_mod.Stage, "_guarded_step", planted)
+    monkeypatch.setattr(updates_mod.Updates, "_guarded_step", planted)
     args = TINY + ["--train.nonfinite=skip", "--train.warmup_epochs=1",
                    "--train.lr_mult_backbone=0.7", "--train.lr_mult_g=1.3",
                    "--train.lr_mult_h=0.9", f"--run.dir={tmp_path}"]

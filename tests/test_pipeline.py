@@ -48,7 +48,10 @@ from pathlib import Path
 
 import pytest
 
-from launching import PYTHON, REPO, TORCHRUN, launch_env
+from pipemlaan.engine.record import ENV as RECORD_ENV
+
+from launching import REPO, launch_env, train_command
+from recorded import check_run, expected_programs, summary_partition
 from runs import (ASYNC_LAM, K, LOCKSTEP, MLAAN, TRAIN_RUNS, RunOutputs,
                   assert_params_identical, check_async_trains,
                   check_evaluation_equals_single_process, check_lockstep_equals_single_process,
@@ -103,15 +106,13 @@ class Result(RunOutputs):
 def launch(key: str, ranks: int, args: list[str], run_root: Path, *, timeout: float,
            script: Path | None = None) -> Result:
     """Runs one training launch (torchrun when ranks > 1); never raises on failure or hang."""
-    program = [str(script)] if script else ["-m", "pipemlaan.train"]
-    if ranks == 1:
-        cmd = [PYTHON, *program]
-    else:   # --standalone: a fresh rendezvous on a free port, so launches never collide
-        cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={ranks}", "--monitor-interval=0.5",
-               *program]
-    cmd += [*args, f"--run.dir={run_root}", "--run.name=run"]
+    # torchrun --standalone: a fresh rendezvous on a free port, so launches never collide
+    cmd = train_command(ranks, [*args, f"--run.dir={run_root}", "--run.name=run"],
+                        program=[str(script)] if script else None,
+                        torchrun_args=("--monitor-interval=0.5",))
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
+    env = launch_env(**({RECORD_ENV: str(run_root / "record")} if key in RECORDED else {}))
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=timeout)
@@ -159,6 +160,10 @@ def _handshake_job(key: str, root: Path) -> Result:
     return launch(key, 2, [*LOCKSTEP, *MLAAN, "--pipeline.timeout_s=30"], root / key / "runs",
                   timeout=FAIL_TIMEOUT_S, script=script)
 
+
+# launches whose every call between ranks is recorded (engine/record.py) and checked against
+# the schedule (tests/recorded.py, test_order.py for the in-process cases)
+RECORDED = {"async-lam-4"}
 
 # the torchrun launches that stay (runs.py TRAIN_RUNS has every config by key)
 LAUNCHED = ["ref-dgl+mlaan", "lock-dgl+mlaan-2", "async-lam-4", "dp-2x2-dgl+mlaan"]
@@ -252,6 +257,17 @@ def test_async_twins_follow_live_blocks_on_other_ranks(runner):
     must reach the twin (they once never did: gloo's irecv never reports completion before it
     is waited on, so polling for arrived snapshots left every twin at its initial weights)."""
     check_twins_follow_live_blocks(runner.get("async-lam-4").check(), ASYNC_LAM)
+
+
+@needs(lambda: ["async-lam-4"])
+def test_torchrun_launch_follows_its_schedule(runner):
+    """Four processes over gloo, recorded: start-up, async steps with LAM across every rank,
+    evaluation, checkpoints, the stop rounds, the summary and the barrier at exit, each rank's
+    calls exactly its `schedule.program`."""
+    res = runner.get("async-lam-4").check()
+    ranks, args = TRAIN_RUNS["async-lam-4"]
+    check_run(res.run_dir.parent / "record",
+              expected_programs(args, ranks, summary_partition(res.run_dir)))
 
 
 @pytest.mark.parametrize("key", ["lock-dgl+mlaan-2", "async-lam-4"])

@@ -150,6 +150,7 @@ def test_infopro_weights_by_stage_for_infopro_star_by_module_otherwise():
     assert infopro_weights(cfg, backbone, 4, 2, last) == pytest.approx((0.0, 1.0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,K,hidden", [("resnet34", 17, {64: 128, 128: 256, 256: 0,
                                                              512: 0}),
                                            ("resnet101", 34, {256: 0, 512: 0, 1024: 0,
@@ -170,6 +171,7 @@ def test_imagenet_heads_follow_auxnet34_and_auxnet101(name, K, hidden):
     assert seen == {c: h for c, h in hidden.items() if c in seen} and len(seen) >= 3
 
 
+@pytest.mark.slow
 def test_imagenet_lam_tables_are_the_reference_ones():
     tables = reference_tables()["lam_copied_blocks"]
     for name, code_k in (("resnet34", 16), ("resnet101", 33), ("resnet152", 50)):
@@ -209,6 +211,7 @@ def conv_weights(m: nn.Module) -> list[torch.Tensor]:
     return [c.weight for c in layers(m, nn.Conv2d)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,model,K,fresh", [("imagenet", "resnet34", 17, True),
                                                 ("cifar10", "resnet32", 16, False)])
 def test_leap_copies_fresh_on_imagenet_copied_on_cifar(data, model, K, fresh):
@@ -230,6 +233,7 @@ def test_leap_copies_fresh_on_imagenet_copied_on_cifar(data, model, K, fresh):
                                                  conv_weights(backbone.blocks[m.twin_source])))
 
 
+@pytest.mark.slow
 def test_head_parameter_totals_for_resnet101():
     """The issue's figures: compact heads gave ResNet-101 K=34 about 233 M head parameters,
     the reference's about 30 M (pool + linear on 256..2048 channels)."""

@@ -18,7 +18,7 @@ import itertools
 
 import pytest
 
-from pipemlaan.config import load_config
+from pipemlaan.config import load_config, method_flags
 from pipemlaan.data import dataset_spec
 from pipemlaan.engine.partition import balanced_partition, window_spans
 from pipemlaan.engine.placement import Placement
@@ -27,14 +27,8 @@ from pipemlaan.engine.schedule import (FWD, GRAD, WORLD, Compute, Msg, Op, PipeS
 from pipemlaan.engine.simulate import simulate, simulate_run
 from pipemlaan.local.module import build_local_modules, window_plan
 
-METHODS = {
-    "bp": ["--method.name=bp"],
-    "dgl": ["--method.name=dgl", "--method.mlm=false", "--method.lam=false"],
-    "dgl+mlm": ["--method.name=dgl", "--method.mlm=true", "--method.lam=false"],
-    "dgl+lam": ["--method.name=dgl", "--method.mlm=false", "--method.lam=true"],
-    "dgl+mlaan": ["--method.name=dgl", "--method.mlm=true", "--method.lam=true"],
-    "infopro+mlaan": ["--method.name=infopro", "--method.mlm=true", "--method.lam=true"],
-}
+METHODS = {m: method_flags(m) for m in ("bp", "dgl", "dgl+mlm", "dgl+lam", "dgl+mlaan",
+                                         "infopro+mlaan")}
 K = 8
 STEPS_PER_EPOCH, EPOCHS = 5, 2
 TOTAL = STEPS_PER_EPOCH * EPOCHS
@@ -108,7 +102,7 @@ def test_the_shapes_exercise_gradients_lam_and_replicas():
     assert spec_for("dgl", 2, 3, 1, True, 1).grads == (0, 0)
     sched = RankSchedule(mlaan, 5)                          # replica 1, stage 1
     forwards = [a for a in sched.step(3, 0, TOTAL) if isinstance(a, Compute)
-                and a.name == "forward"]
+                and a.name == "step"]
     assert forwards[0].collective == "stage:1"   # replica all-reduces (and sync_bn) inside
 
 
@@ -199,7 +193,7 @@ def test_wire_order_receives_next_batches_before_computing():
     acts = RankSchedule(spec, 1).step(0, 0, TOTAL)
     posts = [a for a in acts if isinstance(a, Post)]
     first_forward = next(i for i, a in enumerate(acts) if isinstance(a, Compute)
-                         and a.name == "forward")
+                         and a.name == "step")
     fill = [op.msg.index for p in posts[:2] for op in p.ops]
     assert fill == [0, 1] and acts.index(posts[1]) < first_forward
     grouped = posts[2].ops
@@ -295,7 +289,7 @@ def _old_async_programs(stages: int, in_flight: int, steps: int, grads: bool = T
             produces = tuple(m for m in (Msg(FWD, t, s, nxt) if nxt is not None else None,
                                          Msg(GRAD, t, s, prev) if prev is not None and grads
                                          else None) if m is not None)
-            acts.append(Compute("forward", t, consumes, produces))
+            acts.append(Compute("step", t, consumes, produces))
             if prev is not None and grads:
                 acts.append(Post((op(True, GRAD, t, prev),)))
             if nxt is not None:

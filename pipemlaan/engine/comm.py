@@ -1,4 +1,5 @@
-"""The transports a trainer talks through: torch.distributed, or an in-memory world of threads.
+"""How ranks reach each other (a `Comm`): torch.distributed, or an in-memory world of threads.
+engine/p2p.py's `Transport` sits on top: it owns the buffers of the schedule's messages.
 
 Everything that crosses ranks goes through a `Comm`: point-to-point operations posted as one
 group (`post`), gradient all-reduces within a named group, and the object collectives of

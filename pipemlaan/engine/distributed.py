@@ -1,4 +1,4 @@
-"""Process-group set-up and teardown, and the few collectives the trainer needs.
+"""Process-group set-up and teardown, and the few collectives start-up needs.
 
 Works alone (world size 1, no process group) and under torchrun (reads RANK, WORLD_SIZE,
 LOCAL_RANK). NCCL on CUDA with one GPU per rank, gloo on CPU, and gloo through pinned host
@@ -18,6 +18,7 @@ from pipemlaan.config import Config
 from pipemlaan.engine.comm import Comm, HostStagedComm, TorchComm
 from pipemlaan.engine import watchdog
 from pipemlaan.engine.record import RecordingComm, maybe_record
+from pipemlaan.engine.runtime import configure_torch
 from pipemlaan.errors import ConfigError, PipelineError, PipemlaanError
 from pipemlaan.ui import console
 
@@ -50,18 +51,7 @@ def init_distributed(cfg: Config) -> DistEnv:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
     else:
         device = torch.device("cpu")
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if cfg.train.deterministic:
-        # cuBLAS needs a fixed workspace to be deterministic; set before its first use
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        # warn_only: a few ops the heads use (adaptive pooling's CUDA backward) have no
-        # deterministic kernel; they warn instead of stopping the run, and differ only by
-        # the order of floating-point atomics
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = cfg.train.cudnn_benchmark
+    configure_torch(cfg.train)
     backend = None
     if world > 1:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))

@@ -3,9 +3,9 @@
 A DGL+MLAAN step of ResNet-110 (K=55) launches about 16,000 small kernels from Python; in bf16
 the GPU finishes them faster than Python issues them. `GraphedStep` records the whole step
 (every module's forward, its heads' backward and optimizer steps, the window backward passes,
-the body updates: engine/stage.py's `forward_batch`) into one CUDA graph and then replays it with
+the body updates: engine/stage.py's `train_step`) into one CUDA graph and then replays it with
 one launch per step. The step reads its inputs from static buffers, its learning rates and step
-number from device tensors (stage.py [Note: device scalars]), and updates the parameters,
+number from device tensors (updates.py [Note: device scalars]), and updates the parameters,
 momentum buffers, batch-norm statistics and non-finite counters in place, so a replay does
 exactly what an eager step does.
 
@@ -44,7 +44,7 @@ def graph_skip_reason(cfg, setup) -> str | None:
 
 
 class GraphedStep:
-    """Drop-in for `stage.forward_batch` on a single-process CUDA run."""
+    """Drop-in for `stage.train_step` on a single-process CUDA run."""
 
     def __init__(self, stage):
         self.stage = stage
@@ -78,7 +78,7 @@ class GraphedStep:
             if captured is not None:
                 return captured
         self.eager_steps += 1       # another shape, or no graph: this step runs eagerly
-        return stage.forward_batch(step, lr, x, labels, images)
+        return stage.train_step(step, lr, x, labels, images)
 
     def _fits(self, x, labels, images) -> bool:
         return all((buf is None and new is None) or
@@ -90,7 +90,7 @@ class GraphedStep:
         main = torch.cuda.current_stream(self.stage.device)
         self._side.wait_stream(main)
         with torch.cuda.stream(self._side):
-            result = self.stage.forward_batch(step, lr, x, labels, images)
+            result = self.stage.train_step(step, lr, x, labels, images)
         main.wait_stream(self._side)
         return result
 
@@ -102,7 +102,7 @@ class GraphedStep:
         try:
             # thread_local: a data or watchdog thread's CUDA calls must not void the capture
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self._result = stage.forward_batch(step, lr, *self._static)
+                self._result = stage.train_step(step, lr, *self._static)
         except Exception as e:      # noqa: BLE001 - any capture failure: run eagerly instead
             self.failed = f"{type(e).__name__}: {e}".splitlines()[0][:200]
             console.print(f"[yellow]CUDA graph capture failed ({self.failed}); training goes "
@@ -117,9 +117,5 @@ class GraphedStep:
 
     def _forget_capture(self) -> None:
         """Undoes what a failed capture left on the host: nothing of it ran on the device."""
-        stage = self.stage
-        stage.pending.clear()
-        stage.losses = {}
-        for opt in stage.optimizers.values():
-            opt.zero_grad(set_to_none=True)
+        self.stage.discard_step()
         self._static = self._result = None

@@ -12,7 +12,7 @@ Then every twin (or, with method.ema_only_last, only the last module's) takes on
 toward its snapshot. Lockstep mode waits for each snapshot, so it equals the single process.
 
 Async mode takes, at step t, the snapshots published up to step t - lag, with lag = (stages
-between owner and receiver) x pipeline.microbatches. Upstream ranks run ahead of downstream ones
+between owner and receiver) x pipeline.in_flight. Upstream ranks run ahead of downstream ones
 by about that many steps, so in steady state the owner has already sent that snapshot and the
 wait does not block the forward stream; and the staleness is fixed, so an async run's result
 does not depend on timing. (Taking "whatever has arrived" cannot work: gloo's irecv never

@@ -16,7 +16,7 @@ of its own and orders it against the compute stream with events; `wait` makes th
 stream, not the host, wait.
 
 Waits are timed on the host on CPU and with CUDA events on GPUs, where the host returns from
-an NCCL wait at once and the stall happens on the stream: `WaitClock` reads the events only
+an NCCL wait at once and the stall happens on the stream: `StepClock` reads the events only
 when metrics are logged, so timing adds no synchronisation to a step.
 """
 
@@ -31,8 +31,9 @@ from pipemlaan.engine.schedule import EVAL, FWD, GRAD, LAM, Msg, Op
 from pipemlaan.errors import PipelineError
 
 
-class WaitClock:
-    """Seconds spent in waits of each kind ("recv", "send") and in compute, since reset."""
+class StepClock:
+    """Seconds a rank spent computing ("compute") and waiting on its peers ("recv", "send")
+    since the last reset: what a logging window's line reports."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -55,7 +56,7 @@ class WaitClock:
 
 
 class _Span:
-    def __init__(self, clock: WaitClock, kind: str):
+    def __init__(self, clock: StepClock, kind: str):
         self.clock, self.kind = clock, kind
 
     def __enter__(self):
@@ -80,13 +81,13 @@ class Transport:
     def __init__(self, comm: Comm, rank: int, device: torch.device, *, in_shape, out_shape,
                  image_shape, batch_size: int, grads_in: int, in_flight: int,
                  act_dtype: torch.dtype = torch.float32, has_prev: bool, has_next: bool,
-                 eval_batch_size=None, clock: WaitClock | None = None):
+                 eval_batch_size=None, clock: StepClock | None = None, lam_buffer=None):
         self.comm, self.rank, self.device = comm, rank, device
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)
         self.image_shape = tuple(image_shape) if image_shape else None
         self.batch_size, self.act_dtype = batch_size, act_dtype
         self.eval_batch_size = eval_batch_size or (lambda i: batch_size)
-        self.clock = clock or WaitClock(device)
+        self.clock = clock or StepClock(device)
         self._out: dict[Msg, list[torch.Tensor]] = {}     # produced, not yet sent
         self._works: dict[Op, tuple[list, list[torch.Tensor]]] = {}
         self._in: dict[Msg, list[torch.Tensor]] = {}      # received, not yet taken
@@ -104,7 +105,7 @@ class Transport:
         # one buffer: the schedule waits for and uses each gradient before it posts the next
         self._grads = (torch.empty((grads_in, B, *self.out_shape), dtype=act_dtype,
                                    device=device) if has_next and grads_in else None)
-        self.lam_buffer = None     # set by the trainer: owner rank -> a fresh flat buffer
+        self.lam_buffer = lam_buffer   # owner rank -> a fresh flat buffer (engine/lam.py)
 
     # ---- what compute hands over and takes ------------------------------------------------
     def put(self, msg: Msg, tensors: list[torch.Tensor]) -> None:

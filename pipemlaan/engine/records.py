@@ -23,7 +23,7 @@ def memory(setup) -> dict:
 def train_record(setup, clock, step: int, epoch: int, lr: float, images_per_s: float,
                  elapsed: float) -> dict:
     """One metrics.jsonl line for a logging window of `elapsed` seconds on this rank; `clock`
-    (engine/p2p.py WaitClock) holds the window's compute and wait seconds."""
+    (engine/p2p.py StepClock) holds the window's compute and wait seconds."""
     recv, send, compute = (clock.seconds(k) for k in ("recv", "send", "compute"))
     return {
         "kind": "train", "step": step, "epoch": epoch, "rank": setup.env.rank,

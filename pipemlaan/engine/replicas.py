@@ -32,7 +32,7 @@ class GradSync:
         """Replaces each parameter's gradient by the replicas' mean (a missing gradient counts
         as zero), in one all-reduce that also carries the step's flag. Returns whether every
         replica's step is ok, as a device tensor (never read on the host here: the optimizer
-        skips on it, engine/stage.py [Note: non-finite on the device])."""
+        skips on it, engine/updates.py [Note: non-finite on the device])."""
         had = [p.grad is not None for p in params]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         like = grads[0] if grads else torch.empty(0, device=ok.device)

@@ -357,7 +357,7 @@ class RankSchedule:
             produces.append(Msg(FWD, t, self.rank, self.next))
         if self.grads_out:
             produces.append(Msg(GRAD, t, self.rank, self.prev))
-        acts.append(Compute("forward", t, consumes, tuple(produces), self.collective))
+        acts.append(Compute("step", t, consumes, tuple(produces), self.collective))
         if self.prev is not None:
             ops = []
             if self.grads_out:

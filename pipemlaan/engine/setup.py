@@ -20,7 +20,7 @@ from pipemlaan.config import Config, to_toml, validate_world
 from pipemlaan.data import dataset_spec, load_datasets, validate_data
 from pipemlaan.engine.distributed import DistEnv, agree, broadcast
 from pipemlaan.engine.lam import LamSync
-from pipemlaan.engine.p2p import Transport, WaitClock
+from pipemlaan.engine.p2p import Transport, StepClock
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
                                         feasible, measure_costs, window_spans)
 from pipemlaan.engine.placement import Placement
@@ -56,7 +56,7 @@ class Setup:
     steps_per_epoch: int
     test_samples: int
     total_steps: int
-    clock: WaitClock
+    clock: StepClock
 
     @property
     def is_first(self) -> bool:
@@ -78,7 +78,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     plan = window_plan(cfg, len(all_modules))
     K = len(all_modules)
     spans = window_spans(plan)
-    _auto_resume_after_restart(cfg, env)
+    resume, overwrite = _resume_after_restart(cfg, env)
     error = None
     try:
         validate_world(cfg, env.world, K)
@@ -87,7 +87,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
         _check_stages_fit(cfg, env.world // cfg.pipeline.replicas, K, spans)
         if env.rank == 0:
             validate_data(cfg.data)
-            _check_run_dir(cfg)
+            _check_run_dir(cfg, resume, overwrite)
     except PipemlaanError as e:
         error = e
     agree(env, error)
@@ -124,7 +124,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     pipelined = placement.stages > 1
     async_pipe = cfg.pipeline.mode == "async" and pipelined
     pspec = pipe_spec(plan, placement, lockstep=not async_pipe,
-                      in_flight=cfg.pipeline.microbatches, lam_every=cfg.pipeline.lam_sync_every,
+                      in_flight=cfg.pipeline.in_flight, lam_every=cfg.pipeline.lam_sync_every,
                       total_steps=total)
     if env.distributed:
         env.comm.create_groups(process_groups(pspec))
@@ -141,7 +141,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     lam = _lam_sync(cfg, env, placement, backbone, all_modules, stage, total, pspec, emulate)
     # resuming is start-up too: the schedule is built knowing the step it starts from
     start, resumed = 0, None
-    if cfg.run.resume:
+    if resume:
         found = ckpt.latest_checkpoint(cfg.run_dir) if env.rank == 0 else None
         found = broadcast(env, (str(found[0]), found[1]) if found else None)
         if found is None:
@@ -153,7 +153,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
         print0(env, f"resumed from {d} at step {start} (epoch {resumed['epoch']})")
     schedule = RankSchedule(pspec, env.rank, start, cfg.train.nonfinite == "stop")
 
-    transport, clock = None, WaitClock(env.device)
+    transport, clock = None, StepClock(env.device)
     if pipelined:
         bf16 = env.device.type == "cuda" and cfg.train.bf16
         local_batch = cfg.train.batch_size // D
@@ -164,13 +164,11 @@ def build(cfg: Config, env: DistEnv) -> Setup:
             in_flight=pspec.in_flight, act_dtype=torch.bfloat16 if bf16 else torch.float32,
             has_prev=schedule.prev is not None, has_next=schedule.next is not None,
             eval_batch_size=lambda i: min(local_batch, test_samples - i * local_batch),
-            clock=clock)
+            clock=clock, lam_buffer=lam.buffer if lam else None)
         transport.handshake(
             config_hash(cfg), schedule.prev, schedule.next,
             pipe_group(env.rank, schedule.prev) if schedule.prev is not None else None,
             pipe_group(env.rank, schedule.next) if schedule.next is not None else None)
-    if transport and lam:
-        transport.lam_buffer = lam.buffer
     return Setup(cfg, env, placement, replica, my_stage, all_modules, stage,
                  tracker, transport, lam, pspec, schedule, resumed, train_set, test_set,
                  steps_per_epoch, test_samples, total, clock)
@@ -180,28 +178,28 @@ def config_hash(cfg: Config) -> int:
     return int(hashlib.sha256(to_toml(cfg).encode()).hexdigest()[:12], 16)
 
 
-def _auto_resume_after_restart(cfg: Config, env: DistEnv) -> None:
-    """torchrun --max-restarts restarts every worker with the same arguments: continue
-    from the last complete checkpoint (or start over if the first one was never written)."""
+def _resume_after_restart(cfg: Config, env: DistEnv) -> tuple[bool, bool]:
+    """(resume, overwrite): the config's, except that torchrun --max-restarts restarts every
+    worker with the same arguments, which then continue from the last complete checkpoint
+    (or start over if the first one was never written)."""
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
-        return
+        return cfg.run.resume, cfg.run.overwrite
     has = (ckpt.latest_checkpoint(cfg.run_dir) is not None) if env.rank == 0 else None
-    has = broadcast(env, has)
-    cfg.run.resume = bool(has)
-    cfg.run.overwrite = not has
+    has = bool(broadcast(env, has))
     print0(env, f"restart {os.environ['TORCHELASTIC_RESTART_COUNT']}: "
                 + ("resuming from the last checkpoint" if has else "starting over"))
+    return has, not has
 
 
-def _check_run_dir(cfg: Config) -> None:
-    d, run = cfg.run_dir, cfg.run
-    if d.exists() and any(d.iterdir()) and not run.resume:
-        if not run.overwrite:
+def _check_run_dir(cfg: Config, resume: bool, overwrite: bool) -> None:
+    d = cfg.run_dir
+    if d.exists() and any(d.iterdir()) and not resume:
+        if not overwrite:
             raise ConfigError(f"run directory {d} already exists; pass --run.resume=true "
                               f"to continue it, --run.overwrite=true to replace it, or a "
                               f"new --run.name")
         shutil.rmtree(d)
-    if run.resume and ckpt.latest_checkpoint(d) is None:
+    if resume and ckpt.latest_checkpoint(d) is None:
         raise ConfigError(f"--run.resume=true but {d} holds no complete checkpoint; drop "
                           f"--run.resume or check --run.name / --run.dir")
     try:
@@ -274,7 +272,7 @@ def _emulated(cfg: Config, stages: int, spans: list, K: int
         raise ConfigError(f"pipeline.emulate_async={counts} sums to {sum(counts)} but there "
                           f"are {K} local modules; make the counts add up to model.K")
     check_partition(counts, spans, "pipeline.emulate_async")
-    return list(counts), cfg.pipeline.microbatches
+    return list(counts), cfg.pipeline.in_flight
 
 
 def _lam_sync(cfg, env, placement, backbone, all_modules, stage, total, spec, emulate=None):

@@ -46,8 +46,10 @@ import torch
 from torch.func import functional_call
 
 from pipemlaan.config import Config
+from pipemlaan.engine.compiled import compile_modules
 from pipemlaan.errors import PipemlaanError
-from pipemlaan.local.module import LocalModule, WindowPlan, make_optimizer
+from pipemlaan.engine.updates import Updates
+from pipemlaan.local.module import LocalModule, WindowPlan
 
 
 class NonFiniteLoss(PipemlaanError):
@@ -74,19 +76,15 @@ class Stage:
         if self._channels_last:
             for m in modules:      # once, weights and heads: every conv then runs NHWC
                 m.to(memory_format=torch.channels_last)
-        self.grad_sync = grad_sync     # replicas.GradSync when the stage has replicas
+        # train.compile: inductor's kernels for each module's body and heads (None = eager)
+        self.compiled = compile_modules(cfg, modules, device)
         self.plan = plan
         self.device = device
         self.modules = {m.index: m for m in modules}
         self.indices = [m.index for m in modules]
         self.first, self.last = self.indices[0], self.indices[-1]
-        self.optimizers = {m.index: make_optimizer(m, cfg) for m in modules}
-        # what each of a module's two optimizer steps updates (replicas average exactly these)
-        self.head_params = {m.index: [p for head in (m.g, m.h) if head is not None
-                                      for p in head.parameters() if p.requires_grad]
-                            for m in modules}
-        self.body_params = {m.index: [p for p in m.body.parameters() if p.requires_grad]
-                            for m in modules}
+        self.updates = Updates(cfg, modules, device, grad_sync)
+        self.optimizers = self.updates.optimizers
         # windows this stage must receive from the next rank / send to the previous one
         self.from_next = [j for j in plan.covering(self.last) if j > self.last]
         self.to_prev = ([j for j in plan.covering(self.first - 1) if j >= self.first]
@@ -105,50 +103,29 @@ class Stage:
         self.stashed = {k for k in self.indices
                         if stash and any(j > stage_last[k] for j in plan.covering(k))}
         # [Note: weight prediction] steps by which a stashed module's update lags its forward
-        self._ahead = ((self._delay if emulate is not None else cfg.pipeline.microbatches - 1)
+        self._ahead = ((self._delay if emulate is not None else cfg.pipeline.in_flight - 1)
                        if cfg.pipeline.predict_weights and cfg.train.momentum > 0 else 0)
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.losses: dict[int, torch.Tensor] = {}
-        # [Note: non-finite on the device]
-        self._skips = {k: torch.zeros((), dtype=torch.long, device=device) for k in self.indices}
-        self._first_bad = {k: torch.full((), -1, dtype=torch.long, device=device)
-                           for k in self.indices}
         self.tracker = saved_tracker
         self._upstream: dict[int, torch.Tensor] = {}
         self._bf16 = on_cuda and cfg.train.bf16
         self._autocast = (torch.autocast("cuda", dtype=torch.bfloat16)
                           if self._bf16 else nullcontext())
-        self._lr_dev: torch.Tensor | None = None       # [Note: device scalars]
-        self._step_dev: torch.Tensor | None = None
-        self._lr_mults: list[float] = []
 
-    # [Note: device scalars] A captured CUDA graph (engine/graphs.py) replays the kernels it
-    # recorded, with the scalars they were given then. So in graph mode the learning rate of
-    # every parameter group and the step number live in device tensors that the graph reads
-    # and that are written before each step: one host-to-device copy of lr x lr_mult per group
-    # (the same float as eager mode's, computed on the host) and one fill. The autocast weight
-    # cache is off (the graph must not keep casts made outside it); each weight is cast once
-    # per step either way.
     def use_device_scalars(self) -> None:
-        groups = [g for k in self.indices for g in self.optimizers[k].param_groups]
-        self._lr_mults = [g["lr_mult"] for g in groups]
-        self._lr_dev = torch.zeros(len(groups), device=self.device)
-        for i, g in enumerate(groups):
-            g["lr"] = self._lr_dev[i]
-        self._step_dev = torch.zeros((), dtype=torch.long, device=self.device)
+        """[Note: device scalars] (engine/updates.py); the autocast weight cache is off too
+        (the graph must not keep casts made outside it; each weight is cast once per step
+        either way)."""
+        self.updates.use_device_scalars()
         if self._bf16:
             self._autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
 
     def set_scalars(self, step: int, lr: float) -> None:
-        """Writes step `step`'s learning rates and number where the device-scalar mode's
-        kernels read them (never inside a captured graph)."""
-        values = torch.tensor([lr * m for m in self._lr_mults], dtype=torch.float32,
-                              pin_memory=self.device.type == "cuda")
-        self._lr_dev.copy_(values, non_blocking=True)
-        self._step_dev.fill_(step)
+        self.updates.set_scalars(step, lr)
 
     # ---- training -------------------------------------------------------------------------
-    def forward_batch(self, step: int, lr: float, x: torch.Tensor, labels: torch.Tensor,
+    def train_step(self, step: int, lr: float, x: torch.Tensor, labels: torch.Tensor,
                       images: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Runs batch `step` through every owned module (steps 1-4 of the note). Returns the
         boundary activation for the next rank and the window gradients for the previous one."""
@@ -219,7 +196,7 @@ class Stage:
         else:
             self.losses[k] = total
             # head parameters only: the body has no gradient yet
-            ok = self._guarded_step(k, self.head_params[k], torch.isfinite(total), lr, step)
+            ok = self.updates.heads(k, torch.isfinite(total), lr, step)
             # a skipped batch contributes zero gradients: the window bookkeeping (and the
             # stream to the previous rank) goes on, and nothing non-finite travels upstream
             g_grad, h_grad = (None if g is None else g.masked_fill_(~ok, 0.0) for g in grads)
@@ -269,59 +246,23 @@ class Stage:
         total = pend.g_grad
         for j in sorted(pend.windows):
             total = pend.windows[j] if total is None else total + pend.windows[j]
-        params = self.body_params[k]
         with torch.profiler.record_function(f"module {k} backward"):
-            torch.autograd.backward(pend.out, total, inputs=params)
-        self._guarded_step(k, params, torch.isfinite(total).all(), pend.lr, step)
+            torch.autograd.backward(pend.out, total, inputs=self.updates.body_params[k])
+        self.updates.body(k, torch.isfinite(total).all(), pend.lr, step)
         del self.pending[(step, k)]
-
-    # [Note: non-finite on the device] Whether a loss or gradient is finite is never read on
-    # the host during a step (that would wait for the GPU): the flag stays a tensor, the fused
-    # optimizer skips the update through its `found_inf` argument (the parameters and their
-    # momentum stay as they were), and the module's first bad step and its count of skipped
-    # updates accumulate on the device. The trainer reads them once per logging window
-    # (`first_nonfinite`): in stop mode the run then ends naming module and step, at most a
-    # window late and with no non-finite weight written anywhere.
-    def _guarded_step(self, k: int, params: list[torch.Tensor], finite: torch.Tensor,
-                      lr: float, step: int) -> torch.Tensor:
-        """One optimizer step of module k over `params`, skipped on the device if the loss,
-        a gradient, or (with replicas) any replica's is not finite. Returns that flag."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if grads:
-            norms = torch._foreach_norm(grads, float("inf"))
-            finite = finite & torch.stack(norms).isfinite().all()
-        if self.grad_sync is not None:
-            with torch.profiler.record_function("replica gradient all-reduce"):
-                finite = self.grad_sync.average(params, finite)
-        opt = self.optimizers[k]
-        if self._lr_dev is None:
-            for group in opt.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-        opt.found_inf = (~finite).to(torch.float32)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        bad = ~finite
-        # in place: a captured graph updates these very tensors on every replay
-        self._skips[k].add_(bad)
-        # where, not masked_fill_: with the graph's step tensor as its value that may read it
-        # on the host
-        first = self._first_bad[k]
-        at = step if self._step_dev is None else self._step_dev
-        first.copy_(torch.where(bad & (first < 0), at, first))
-        return finite
 
     @property
     def skipped(self) -> dict[int, int]:
-        """Updates skipped per module (reads the device)."""
-        counts = torch.stack([self._skips[k] for k in self.indices]).tolist()
-        return {k: int(n) for k, n in zip(self.indices, counts) if n}
+        return self.updates.skipped
 
     def first_nonfinite(self) -> tuple[int, int] | None:
-        """(module, step) of the first update skipped because something was not finite, or
-        None. One read of the device."""
-        steps = torch.stack([self._first_bad[k] for k in self.indices]).tolist()
-        bad = [(s, k) for k, s in zip(self.indices, steps) if s >= 0]
-        return (min(bad)[1], min(bad)[0]) if bad else None
+        return self.updates.first_nonfinite()
+
+    def discard_step(self) -> None:
+        """Forgets a step that never ran on the device (a failed CUDA graph capture)."""
+        self.pending.clear()
+        self.losses = {}
+        self.updates.zero_grad()
 
     # ---- evaluation ------------------------------------------------------------------------
     @torch.no_grad()

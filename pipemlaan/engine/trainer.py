@@ -22,6 +22,7 @@ import torch
 from pipemlaan.config import Config, to_toml
 from pipemlaan.engine import checkpoints
 from pipemlaan.engine.distributed import DistEnv, barrier, gather_all
+from pipemlaan.engine.compiled import compile_skip_reason
 from pipemlaan.engine.graphs import GraphedStep, graph_skip_reason
 from pipemlaan.engine.lr_schedule import lr_at
 from pipemlaan.engine.preempt import StopRequest
@@ -55,7 +56,7 @@ class Trainer:
         # after resume: a captured graph must see the weights and optimizer state it updates
         self.graphed = (GraphedStep(self.stage) if graph_skip_reason(cfg, self.s) is None
                         else None)
-        self._forward = self.graphed or self.stage.forward_batch
+        self._train_step = self.graphed or self.stage.train_step
         self._eval_bs = cfg.train.batch_size // self.s.placement.replicas
         self.eval_batches = -(-self.s.test_samples // self._eval_bs)
         self._rounds: dict[int, tuple[torch.Tensor, object]] = {}    # stop rounds in flight
@@ -115,6 +116,7 @@ class Trainer:
             view.stop()
         if out is not None:
             out["cuda_graph"] = self._graph_report()
+            out["compile"] = self._compile_report()
             (cfg.run_dir / "summary.json").write_text(json.dumps(out, indent=1))
             console.print(results_table(out))
         return out
@@ -212,11 +214,13 @@ class Trainer:
         x, y = next(self._batches)
         self._inputs[act.index] = (x, y, x if self.cfg.method.name == "infopro" else None)
 
-    def _do_forward(self, act: Compute) -> None:
+    def _do_step(self, act: Compute) -> None:
+        """Batch act.index through this rank's modules: forward, heads, local backward,
+        optimizer steps (engine/stage.py [Note: step order])."""
         x, y, images = self._input(act, act.index)
         self._lr = lr_at(act.index, self.s.steps_per_epoch, self.cfg.train)
         with self.s.clock.measure("compute"):
-            out, upstream = self._forward(act.index, self._lr, x, y, images)
+            out, upstream = self._train_step(act.index, self._lr, x, y, images)
         for msg in act.produces:
             if msg.dst > self.env.rank:
                 self.s.transport.put_forward(msg, out, y, images)
@@ -224,7 +228,9 @@ class Trainer:
                 self.s.transport.put(msg, [self._stack(upstream)])
 
     def _stack(self, grads):
-        return torch.stack(grads).to(self.s.transport.act_dtype)
+        # contiguous: channels-last gradients stack into a strided tensor, which neither NCCL
+        # nor gloo sends
+        return torch.stack(grads).to(self.s.transport.act_dtype).contiguous()
 
     def _do_backward(self, act: Compute) -> None:
         (grads,) = self.s.transport.take(act.consumes[0])
@@ -253,7 +259,8 @@ class Trainer:
             self.env.comm.wait(work, None, f"agreeing on a stop (round {act.index})")
         spec = self.sched.spec
         agreed_at = act.index + spec.stop_delay      # the same boundary on every rank
-        if int(flag.item()) == 0 or self.stop.at_step is not None or \
+        # a host tensor, read without a tensor op (no device is involved, nothing to sync)
+        if int(flag.numpy()[0]) == 0 or self.stop.at_step is not None or \
                 agreed_at > spec.total_steps:        # rounds waited after the last step
             return
         end = agreed_at + spec.stop_lead
@@ -342,7 +349,7 @@ class Trainer:
 
     def _check_finite(self, every_rank: bool = False) -> None:
         """train.nonfinite=stop: ends the run if a module skipped an update because something
-        was not finite (stage.py [Note: non-finite on the device]). Read once per logging
+        was not finite (updates.py [Note: non-finite on the device]). Read once per logging
         window on this rank; before every checkpoint (`every_rank`, the schedule's "agree on
         non-finite steps"; a run's last step always has one) all ranks agree, and the rank that
         saw the earliest step names module and step."""
@@ -367,6 +374,14 @@ class Trainer:
             return {"replayed_steps": 0, "eager_steps": None,
                     "off": graph_skip_reason(self.cfg, self.s)}
         return {"replayed_steps": g.replays, "eager_steps": g.eager_steps, "off": g.failed}
+
+    def _compile_report(self) -> dict:
+        """Whether this rank's modules ran compiled (engine/compiled.py), or why not."""
+        c = self.stage.compiled
+        if c is None:
+            return {"compiled_modules": 0,
+                    "off": compile_skip_reason(self.cfg.train.compile, self.env.device)}
+        return c.report()
 
     @property
     def preempted(self) -> bool:

@@ -14,6 +14,8 @@ from datetime import timedelta
 
 import torch.distributed as dist
 
+from pipemlaan.errors import PipelineError
+
 PERIOD = 1.0
 STALE = 4 * PERIOD
 
@@ -73,7 +75,6 @@ def silent_ranks() -> str:
 def peer_failure(rank: int, what: str, peer: int | None, error: Exception,
                  timeout_s: float | None = None):
     """The PipelineError for a failed wait: names the silent ranks if heartbeats tell."""
-    from pipemlaan.errors import PipelineError
     timed_out = "time" in str(error).lower()
     culprit = silent_ranks()
     if not culprit:

@@ -127,7 +127,7 @@ class LocalModule(nn.Module):
 
 def make_optimizer(module: LocalModule, cfg: Config) -> torch.optim.SGD:
     """SGD as one fused kernel per step, which can skip a step on the device (`found_inf`,
-    engine/stage.py [Note: non-finite on the device]). Momentum buffers start at zero: the
+    engine/updates.py [Note: non-finite on the device]). Momentum buffers start at zero: the
     first step then gives the same buffer as torch's (a copy of the gradient), and a skipped
     first step leaves no uninitialised buffer behind."""
     t = cfg.train
