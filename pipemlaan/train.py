@@ -6,6 +6,7 @@ A configuration or data problem prints one line naming the fix and exits with st
 failure of the pipeline (a dead or stalled peer) exits with status 1; a run stopped by SIGTERM
 or SIGUSR1 (a preempted job) ends every rank at an agreed step with a checkpoint and exits with
 status 75, resumable with --run.resume=true (engine/preempt.py).
+`--help-config` prints every config key; `--help-config --markdown` prints docs/config.md.
 """
 
 from __future__ import annotations
@@ -25,7 +26,23 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         epilog="Any config key can be overridden as --section.key=value, e.g. --train.epochs=2.")
     parser.add_argument("--config", help="TOML file (see configs/)")
     parser.add_argument("--help-config", action="store_true", help="print every config key")
-    return parser.parse_known_args(argv)
+    parser.add_argument("--markdown", action="store_true",
+                        help=f"with --help-config: print docs/config.md ({REGENERATE_CONFIG_DOC})")
+    args, overrides = parser.parse_known_args(argv)
+    if args.markdown and not args.help_config:
+        parser.error("--markdown goes with --help-config")
+    return args, overrides
+
+
+REGENERATE_CONFIG_DOC = "python -m pipemlaan.train --help-config --markdown > docs/config.md"
+
+
+def config_reference_markdown() -> str:
+    """docs/config.md: the config reference generated from the fields of pipemlaan/config.py."""
+    return (f"# Config reference\n\n"
+            f"Generated from the fields' help in `pipemlaan/config.py` by "
+            f"`{REGENERATE_CONFIG_DOC}`; edit those, not this file.\n\n"
+            f"{describe(level=2).rstrip()}")     # print() ends the file with one newline
 
 
 def _fail(message: str, code: int) -> int:
@@ -38,7 +55,7 @@ def _fail(message: str, code: int) -> int:
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.help_config:
-        print(describe())
+        print(config_reference_markdown() if args.markdown else describe())
         return 0
     from pipemlaan.engine.distributed import cleanup, init_distributed
     from pipemlaan.engine.preempt import PREEMPTED_EXIT, StopRequest, install
