@@ -1,7 +1,7 @@
 """Typed configuration: dataclass defaults < TOML file < `--section.key=value` CLI overrides.
 
-Every field has a `help` string (shown by `python -m pipemlaan.train --help-config` and copied
-into the README's config reference). Validation runs at start-up on every rank, before any
+Every field has a `help` string (shown by `python -m pipemlaan.train --help-config`, and as
+docs/config.md by `--help-config --markdown`). Validation runs at start-up on every rank, before any
 compute or file is written, and raises `ConfigError` with one line naming the fix.
 """
 
@@ -40,7 +40,8 @@ class ModelConfig:
     width: int = _f(16, "channels of the first CIFAR stage (16 in the paper); stages double it")
     zero_init_last_bn: str = _f("auto", "auto | on | off: start every residual block's last "
                                 "BatchNorm weight at 0 (auto: on for the ImageNet ResNets, off "
-                                "for the CIFAR ones, as the reference code)")
+                                "for the CIFAR ones; the reference code zero-inits ResNet-34 "
+                                "only, from its commit 1589c61 on: docs/method.md)")
 
 
 @dataclass
@@ -149,7 +150,7 @@ class PipelineConfig:
                          "balanced from measured cost")
     in_flight: int = _f(2, "batches in flight per rank in async mode (>= 1); each one "
                            "beyond the first delays window gradients a step (faster, less "
-                           "accurate on short runs: see README)")
+                           "accurate on short runs: docs/method.md)")
     emulate_async: list = _f([], "one process only: delay window gradients and LAM snapshots "
                              "exactly as an async pipeline with these module counts per rank "
                              "and pipeline.in_flight in flight would (what staleness alone "

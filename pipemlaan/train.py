@@ -16,6 +16,9 @@ import os
 import sys
 
 from pipemlaan.config import describe, load_config
+from pipemlaan.engine.distributed import cleanup, init_distributed
+from pipemlaan.engine.preempt import PREEMPTED_EXIT, StopRequest, install
+from pipemlaan.engine.trainer import Trainer
 from pipemlaan.errors import ConfigError, DataError, PipemlaanError
 
 
@@ -57,14 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.help_config:
         print(config_reference_markdown() if args.markdown else describe())
         return 0
-    from pipemlaan.engine.distributed import cleanup, init_distributed
-    from pipemlaan.engine.preempt import PREEMPTED_EXIT, StopRequest, install
     env, stop = None, StopRequest()
     try:
         cfg = load_config(args.config, overrides)
         env = init_distributed(cfg)
         install(stop, env.rank)
-        from pipemlaan.engine.trainer import Trainer
         trainer = Trainer(cfg, env, stop)
         try:
             trainer.train()

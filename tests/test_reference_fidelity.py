@@ -247,3 +247,19 @@ def test_head_parameter_totals_for_resnet101():
     g_compact = sum(compact(backbone.info[m.block_range[1]].out_channels)
                     for m in ref if m.g is not None)
     assert 25e6 < g_ref < 35e6 and 200e6 < g_compact < 260e6
+
+
+def test_paper_recipes_name_the_reference_heads_and_plan():
+    """configs/paper/*.toml reproduce the authors' runs whatever the library's defaults become:
+    each local method's recipe sets the heads and the MLM plan itself, and loads."""
+    import tomllib
+    from pathlib import Path
+    recipes = sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.toml"))
+    assert len(recipes) >= 20
+    for path in recipes:
+        method = tomllib.loads(path.read_text())["method"]
+        cfg = load_config(path)
+        if method["name"] != "bp":
+            assert method.get("heads") == "reference", path.name
+            assert method.get("first_modules_head") is False, path.name
+            assert cfg.method.heads == "reference" and not cfg.method.first_modules_head

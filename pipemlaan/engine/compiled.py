@@ -36,6 +36,7 @@ import shutil
 import torch
 from rich.markup import escape
 
+from pipemlaan.engine.replicas import _ReplicaStats
 from pipemlaan.ui import console
 
 # every module's body and heads enter dynamo through nn.Module._call_impl, one code object,
@@ -161,7 +162,6 @@ class CompiledModules:
 
 def _eager_only(modules) -> str | None:
     """What in these modules compiling must leave alone, or None."""
-    from pipemlaan.engine.replicas import _ReplicaStats
     if any(isinstance(m, _ReplicaStats) for mod in modules for m in mod.modules()):
         # its statistics are all-reduced across replicas inside the forward, over gloo
         return "pipeline.sync_bn's batch norm all-reduces inside the forward"

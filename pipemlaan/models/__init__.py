@@ -40,7 +40,8 @@ def zero_last_bn_default(name: str) -> bool:
 
 def build_backbone(name: str, in_channels: int, num_classes: int, width: int = 16,
                    zero_last_bn: bool | None = None) -> Backbone:
-    """`zero_last_bn=None`: as the reference code does for this family of models."""
+    """`zero_last_bn=None`: the family's default (`zero_last_bn_default`: on for the ImageNet
+    ResNets, as the reference ResNet-34 code; its ResNet-101 never zero-inits)."""
     family, depth = parse_model_name(name)
     if zero_last_bn is None:
         zero_last_bn = zero_last_bn_default(name)
