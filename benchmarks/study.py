@@ -1,21 +1,24 @@
-"""The method study on real Fashion-MNIST: BP, DGL, InfoPro and their MLAAN versions, the paper's
-ablation (DGL with neither / MLM / LAM / both) and layer-wise accuracy.
+"""The method study on real Fashion-MNIST that decides the defaults: BP, DGL, InfoPro, and
+DGL+MLAAN and InfoPro+MLAAN each under the reference MLM plan ("NAME:ref": the modules before
+the first window have no head of their own) and with every module headed ("NAME:headed").
 
-  python -m benchmarks.study --quick        # one seed, 20k training images, 1 epoch (~15 min)
-  python -m benchmarks.study                # 2 seeds, full data, 3 epochs (hours on 2 cores)
-  python -m benchmarks.study --seeds 0,1,2 --epochs 10 --ranks 4 --async-check
-  python -m benchmarks.study --epochs 1 --jobs 2 --staleness-check   # results/ (~2.5 h)
+  python -m benchmarks.study --jobs 2 --workdir W --resume   # 3 seeds x 3 epochs (hours on 2 cores)
+  python -m benchmarks.study --quick                        # one seed, 20k images, 1 epoch
+  python -m benchmarks.study --methods dgl,dgl+mlm,dgl+lam,dgl+mlaan   # the paper's ablation
+  python -m benchmarks.study --epochs 1 --jobs 2 --staleness-check --async-check
 
 Every run is a real `python -m pipemlaan.train` (single process unless --ranks > 1), same
-backbone (ResNet-20), same K, same epochs and seeds for every method. Results: test error mean
-and spread over seeds, wall time, images/s and per-rank memory, written as JSON + Markdown in
-benchmarks/results/, and a plot of every module head's test error (the paper's Figure 5 shape)
-for dgl and dgl+mlaan. `--async-check` also trains dgl+mlaan as a 4-rank async pipeline to show
-it reaches the single-process accuracy within the seed spread; `--staleness-check` trains it in
-one process that emulates that pipeline exactly (pipeline.emulate_async), which gives the
-pipeline's weights at a single process's cost. `--jobs J` runs J single-process
-runs at once with cpu_count/J threads each (runs are independent, so this only changes wall time
-and images/s, which are then per-run figures under shared cores).
+backbone (ResNet-20), same K, same epochs and seeds for every method, and names its MLM plan
+explicitly (so a later change of the defaults does not change a finished run). Results, as
+JSON + Markdown in benchmarks/results/: test top-1 error, mean ± standard deviation over seeds,
+every seed, the difference to BP, the error after each epoch, wall time, images/s and per-rank
+memory; and a plot of the error by epoch (mean ± std: does a gap close with training?) beside
+every module head's test accuracy (the paper's Figure 5 shape). `--resume` with `--workdir`
+keeps finished runs of the same configuration, so a study cut short goes on where it stopped.
+`--async-check` also trains dgl+mlaan as a 4-rank async pipeline; `--staleness-check` trains it
+in one process that emulates that pipeline exactly (pipeline.emulate_async). `--jobs J` runs J
+single-process runs at once with cpu_count/J threads each (runs are independent, so this only
+changes wall time and images/s, which are then per-run figures under shared cores).
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from pipemlaan.config import load_config, method_flags
 from pipemlaan.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDY = ("bp", "dgl", "dgl+mlm", "dgl+lam", "dgl+mlaan", "infopro", "infopro+mlaan")
+# the defaults study: each MLAAN variant under either MLM plan (see PLANS)
+STUDY = ("bp", "dgl", "infopro", "dgl+mlaan:ref", "dgl+mlaan:headed", "infopro+mlaan:ref",
+         "infopro+mlaan:headed")
 RESULTS = ROOT / "benchmarks" / "results"
 
 # The MLM plan of an MLAAN variant: "dgl+mlaan:ref" (the modules before the first window have no
@@ -78,12 +83,20 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path, extra: tuple = 
     if args.resume and _finished(workdir / name, flags):
         s = json.loads((workdir / name / "summary.json").read_text())
         print(f"{method:<14} seed {seed} ranks {ranks}: kept from {workdir / name}", flush=True)
-        return s
+        return {**s, "curve": _curve(workdir / name)}
     launch.run(cmd, env, args.timeout)
     s = json.loads((workdir / name / "summary.json").read_text())
+    s["curve"] = _curve(workdir / name)
     print(f"{method:<14} seed {seed} ranks {ranks}: top-1 error {s['test_top1_error']:.2f}% "
           f"({s['wall_s']:.0f} s, {s['images_per_s']:.0f} img/s)", flush=True)
     return s
+
+
+def _curve(run_dir: Path) -> list[float]:
+    """The run's test top-1 error after each evaluated epoch, in order."""
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    return [r["test_top1_error"] for r in sorted((r for r in lines if r.get("kind") == "eval"),
+                                                  key=lambda r: r["step"])]
 
 
 def _finished(run_dir: Path, flags: list[str]) -> bool:
@@ -99,14 +112,21 @@ def _finished(run_dir: Path, flags: list[str]) -> bool:
     return all(had.get(k) == v for k, v in wanted.items() if k != "run")
 
 
+def _std(xs: list[float]) -> float:
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 def aggregate(runs: list[dict]) -> dict:
     errs = [r["test_top1_error"] for r in runs]
     # null where a module has no head of its own (the first modules of an MLM plan)
     per_module = [None if None in m else statistics.fmean(m)
                   for m in zip(*(r["per_module_test_error"] for r in runs))]
-    return {"top1_error_mean": statistics.fmean(errs),
+    epochs = list(zip(*(r["curve"] for r in runs)))       # epoch -> the seeds' errors
+    return {"top1_error_mean": statistics.fmean(errs), "top1_error_std": _std(errs),
             "top1_error_spread": (max(errs) - min(errs)) / 2 if len(errs) > 1 else 0.0,
             "top1_errors": errs,
+            "curve_mean": [statistics.fmean(e) for e in epochs],
+            "curve_std": [_std(list(e)) for e in epochs],
             "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
             "images_per_s_mean": statistics.fmean(r["images_per_s"] for r in runs),
             "peak_memory_bytes": runs[0]["peak_memory_bytes"],
@@ -114,22 +134,41 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def plot(results: dict, path: Path, K: int) -> None:
+    """Left: test error after each epoch (mean over seeds, one standard deviation shaded), so
+    the reader sees whether a gap closes with training. Right: every module head's test
+    accuracy (the paper's Figure 5 shape)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for method in ("dgl", "dgl+mlaan", "bp"):
-        if method in results and method != "bp":
-            errs = results[method]["per_module_test_error"]
-            shown = [(k + 1, 100 - e) for k, e in enumerate(errs) if e is not None]
-            ax.plot(*zip(*shown), marker="o", label=method)
+    fig, (curves, layers) = plt.subplots(1, 2, figsize=(10, 3.8))
+    color = {m: f"C{i}" for i, m in enumerate(results)}      # one colour per method, both panels
+    for method, r in results.items():
+        mean, std = r["curve_mean"], r["curve_std"]
+        if not mean:
+            continue
+        x = range(1, len(mean) + 1)
+        curves.plot(x, mean, marker="o", label=method, color=color[method],
+                    ls=":" if method == "bp" else "-")
+        curves.fill_between(x, [m - s for m, s in zip(mean, std)],
+                            [m + s for m, s in zip(mean, std)], alpha=0.15, color=color[method])
+        curves.set_xticks(list(x))
+    curves.set_xlabel("epoch")
+    curves.set_ylabel("test top-1 error (%)")
+    curves.set_title("Test error by epoch (mean ± std over seeds)")
+    curves.legend(fontsize=7)
+    for method, r in results.items():
+        if method != "bp" and ("mlaan" in method or method == "dgl"):
+            shown = [(k + 1, 100 - e) for k, e in enumerate(r["per_module_test_error"])
+                     if e is not None]
+            layers.plot(*zip(*shown), marker="o", label=method, color=color[method])
     if "bp" in results:
-        ax.axhline(100 - results["bp"]["top1_error_mean"], ls=":", color="grey", label="bp")
-    ax.set_xlabel("local module")
-    ax.set_ylabel("test accuracy of its head (%)")
-    ax.set_xticks(range(1, K + 1))
-    ax.set_title("Layer-wise accuracy, Fashion-MNIST")
-    ax.legend()
+        layers.axhline(100 - results["bp"]["top1_error_mean"], ls=":", color=color["bp"],
+                       label="bp")
+    layers.set_xlabel("local module")
+    layers.set_ylabel("test accuracy of its head (%)")
+    layers.set_xticks(range(1, K + 1))
+    layers.set_title("Layer-wise accuracy (last epoch)")
+    layers.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -139,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="1 seed, 20k images, 1 epoch")
     p.add_argument("--methods", default=",".join(STUDY))
-    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--model", default="resnet20")
     p.add_argument("--K", type=int, default=4)
@@ -159,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="keep every run's directory here (default: a temporary directory)")
     p.add_argument("--resume", action="store_true",
                    help="with --workdir: keep runs already finished there with the same config")
-    p.add_argument("--microbatches", type=int, default=2,
+    p.add_argument("--in-flight", dest="microbatches", type=int, default=2,
                    help="batches in flight per rank in the pipelined runs")
     p.add_argument("--timeout", type=int, default=6 * 3600)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
@@ -203,12 +242,18 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.lr}, seeds {seeds}, train subset {args.train_subset or 'all 60000'}, "
              f"test set 10000, {args.ranks} rank(s), {args.jobs} run(s) at once on "
              f"{os.cpu_count()} CPU cores.", "",
-             "| method | test top-1 error (mean ± half-range) | wall s | images/s | "
-             "peak memory per rank (MiB) |", "|---|---|---|---|---|"]
+             "| method | test top-1 error, mean ± std | vs BP | every seed | by epoch (mean) "
+             "| wall s | images/s | peak memory per rank (MiB) |",
+             "|---|---|---|---|---|---|---|---|"]
+    bp = results.get("bp")
     for m, r in results.items():
         mem = ", ".join(f"{b / 2**20:.0f}" for b in r["peak_memory_bytes"])
-        lines.append(f"| {m} | {r['top1_error_mean']:.2f} ± {r['top1_error_spread']:.2f} | "
-                     f"{r['wall_s_mean']:.0f} | {r['images_per_s_mean']:.0f} | {mem} |")
+        vs = f"{r['top1_error_mean'] - bp['top1_error_mean']:+.2f}" if bp else ""
+        seeds_ = ", ".join(f"{e:.2f}" for e in r["top1_errors"])
+        curve = " → ".join(f"{e:.2f}" for e in r["curve_mean"])
+        lines.append(f"| {m} | {r['top1_error_mean']:.2f} ± {r['top1_error_std']:.2f} | {vs} | "
+                     f"{seeds_} | {curve} | {r['wall_s_mean']:.0f} | "
+                     f"{r['images_per_s_mean']:.0f} | {mem} |")
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(results, base.with_suffix(".png"), args.K)
     print("\n".join(lines))
