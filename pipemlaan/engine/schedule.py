@@ -129,25 +129,24 @@ class Collective:
 
 
 @dataclass(frozen=True)
-class StartCollective:
-    """Starts round `index` of a collective without blocking ([Note: stop agreement])."""
+class _Round:
+    """Round `index` of a non-blocking collective ([Note: stop agreement])."""
     group: str
     name: str
     index: int
 
     def __str__(self) -> str:
-        return f"start {self.name} {self.index} on {self.group}"
+        return f"{self.verb} {self.name} {self.index} on {self.group}"
 
 
-@dataclass(frozen=True)
-class WaitCollective:
-    """Waits for round `index`, started earlier by a `StartCollective` of this rank."""
-    group: str
-    name: str
-    index: int
+class StartCollective(_Round):
+    """Starts the round without blocking."""
+    verb = "start"
 
-    def __str__(self) -> str:
-        return f"wait {self.name} {self.index} on {self.group}"
+
+class WaitCollective(_Round):
+    """Waits for the round, started earlier by a `StartCollective` of this rank."""
+    verb = "wait"
 
 
 Action = Post | Wait | Compute | Collective | StartCollective | WaitCollective
