@@ -107,11 +107,16 @@ def table3(ranks: int, batch: int, imagenet_batch: int, methods=METHODS, nets=TA
             else:
                 row["per_rank_bytes"] = None
         else:
-            row["single_process_bytes"] = profile_memory(cfg, spec, 1, b)[0]["total_bytes"]
+            one = profile_memory(cfg, spec, 1, b)[0]
             per_rank = (profile_memory(cfg, spec, ranks, b) if name != "bp" and ranks > 1
                         else None)
+            row["single_process_bytes"] = one["total_bytes"]
             row["per_rank_bytes"] = [r["total_bytes"] for r in per_rank] if per_rank \
                 else None
+            # the parts, so a figure can be scaled to another batch: what is saved for
+            # backward and the P2P buffers grow with it, the state does not
+            row["single_process_parts"] = _parts(one)
+            row["per_rank_parts"] = [_parts(r) for r in per_rank] if per_rank else None
         rows.append(row)
         per = row["per_rank_bytes"] or []
         console.print(f"  measured {label} {mlabel} {prec}: 1 process "
@@ -123,6 +128,15 @@ def table3(ranks: int, batch: int, imagenet_batch: int, methods=METHODS, nets=TA
         if on_row is not None:
             on_row(rows)
     return rows
+
+
+def _parts(r: dict) -> dict:
+    return {k: r[k] for k in ("activation_bytes", "state_bytes", "comm_bytes")}
+
+
+def scaled_bytes(parts: dict, factor: float) -> float:
+    """A CPU-accounting figure at `factor` times the batch it was measured at."""
+    return parts["state_bytes"] + factor * (parts["activation_bytes"] + parts["comm_bytes"])
 
 
 def _gib(b: float) -> str:

@@ -117,6 +117,24 @@ def test_table3_per_rank_stage_alone_path_with_the_papers_figures():
     assert len(mlaan["per_rank_step_s"]) == 2 and mlaan["single_step_s"] > 0
 
 
+def test_table3_accounting_rows_carry_parts_that_scale_with_the_batch():
+    """CPU rows keep what is saved for backward, the state and the P2P buffers apart, so a
+    figure can be scaled to the paper's batch: at the measured batch the parts add up to the
+    total, and doubling the batch doubles exactly the parts that grow with it."""
+    from benchmarks.table3 import METHODS, scaled_bytes, table3
+    nets = [("ResNet-32 (K=16)", "resnet8", 4, "cifar")]
+    mlaan = [m for m in METHODS if m[0] == "dgl+mlaan"]
+    small, big = (table3(2, b, b, methods=mlaan, nets=nets)[0] for b in (8, 16))
+    assert scaled_bytes(small["single_process_parts"], 1) == small["single_process_bytes"]
+    for r in range(2):
+        parts = small["per_rank_parts"][r]
+        assert scaled_bytes(parts, 1) == small["per_rank_bytes"][r]
+        assert big["per_rank_parts"][r]["state_bytes"] == parts["state_bytes"]
+        assert big["per_rank_parts"][r]["comm_bytes"] == 2 * parts["comm_bytes"]
+    assert big["single_process_parts"]["activation_bytes"] > \
+        small["single_process_parts"]["activation_bytes"]
+
+
 def test_table3_measures_the_rows_that_matter_first():
     """A GPU check cut short by its time limit keeps the paper's comparisons: BP and
     DGL+MLAAN in fp32, ResNet-110 first, then bf16, then the other methods."""
