@@ -108,8 +108,13 @@ def table3(ranks: int, batch: int, imagenet_batch: int, methods=METHODS, nets=TA
                 row["per_rank_bytes"] = None
         else:
             one = profile_memory(cfg, spec, 1, b)[0]
-            per_rank = (profile_memory(cfg, spec, ranks, b) if name != "bp" and ranks > 1
-                        else None)
+            per_rank = None
+            if name != "bp" and ranks > 1:
+                # balanced over equal module costs, as the stage-alone path: a partition from
+                # timed costs would move with the machine's load, and the figures with it
+                parts = balanced_partition([1.0] * K, ranks, window_spans(window_plan(cfg, K)))
+                per_rank = profile_memory(cfg, spec, ranks, b, partition=parts)
+                row["partition"] = parts
             row["single_process_bytes"] = one["total_bytes"]
             row["per_rank_bytes"] = [r["total_bytes"] for r in per_rank] if per_rank \
                 else None
