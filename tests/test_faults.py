@@ -82,8 +82,7 @@ def test_dead_rank_under_torchrun_is_named(tmp_path):
 
 
 # ---- 2. a dead rank without torchrun: our watchdog and timeouts -----------------------------
-@pytest.mark.parametrize("world,victim,mode", [(3, 2, "async"), (2, 1, "lockstep")],
-                         ids=["3-ranks-kill-2-async", "2-ranks-kill-1-lockstep"])
+@pytest.mark.parametrize("world,victim,mode", [(3, 2, "async")], ids=["3-ranks-kill-2-async"])
 def test_dead_rank_without_torchrun_is_named_by_heartbeats(tmp_path, world, victim, mode):
     """Plain processes (no launcher to stop the others): the survivors' own timeouts and
     heartbeats end them, each with one line; the dead rank's left neighbour names it. The
@@ -156,8 +155,6 @@ sys.exit(main(sys.argv[1:]))
 RESTART_VARIANTS = {
     # what a user gets: plain torchrun; the restarted ranks start in whatever order
     "torchrun-defaults": (False, {}),
-    # the same, with rank 1 restarting 3 s late: rank 0 always sets up first
-    "rank-1-slow-to-restart": (True, {}),
 }
 
 
@@ -215,12 +212,10 @@ def test_torchrun_restart_resumes_and_matches_uninterrupted_run(tmp_path, uninte
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     """A finished single-process run of 2 epochs: checkpoints at steps 16 and 32."""
+    from inprocess import run_ranks
     root = tmp_path_factory.mktemp("ckpt-base")
-    name = unique_name("ckpt")
-    proc = run_to_end(train_cmd(1, [*TINY, "--train.epochs=2", f"--run.dir={root}",
-                                     f"--run.name={name}"]), root / "launch", name)
-    assert proc.popen.returncode == 0, proc.describe()
-    run_dir = root / name
+    run_ranks([*TINY, "--train.epochs=2", f"--run.dir={root}", "--run.name=ckpt"], 1)
+    run_dir = root / "ckpt"
     assert [p.name for p in complete_checkpoints(run_dir)] == \
         [f"step_{STEPS_PER_EPOCH:08d}", f"step_{2 * STEPS_PER_EPOCH:08d}"]
     return run_dir
@@ -246,7 +241,9 @@ def _flip(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip], ids=["truncated", "flipped-bytes"])
-def test_damaged_newest_checkpoint_falls_back_and_resumes(finished_run, tmp_path, damage):
+def test_damaged_newest_checkpoint_falls_back_and_resumes(finished_run, tmp_path, damage,
+                                                          capsys):
+    from inprocess import run_ranks
     from pipemlaan.checkpoint import latest_checkpoint
     run_dir, name = _copy_run(finished_run, tmp_path)
     older, newest = complete_checkpoints(run_dir)
@@ -256,12 +253,11 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes(finished_run, tmp_path
         found = latest_checkpoint(run_dir)
     assert found is not None and found[0] == older and found[1]["step"] == STEPS_PER_EPOCH
 
-    proc = run_to_end(train_cmd(1, [*TINY, "--train.epochs=3", "--run.resume=true",
-                                    f"--run.dir={tmp_path / 'runs'}", f"--run.name={name}"]),
-                      tmp_path / "resume", name)
-    assert proc.popen.returncode == 0, proc.describe()
-    assert re.search(rf"resumed from \S*{older.name} at step {STEPS_PER_EPOCH}\b",
-                     proc.stdout_text), proc.describe()
+    with pytest.warns(UserWarning, match=r"truncated or corrupted"):
+        run_ranks([*TINY, "--train.epochs=3", "--run.resume=true",
+                   f"--run.dir={tmp_path / 'runs'}", f"--run.name={name}"], 1)
+    out = capsys.readouterr().out.replace("\n", "")    # rich wraps at 80 columns here
+    assert re.search(rf"resumed from \S*{older.name} at step {STEPS_PER_EPOCH}\b", out), out
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 * STEPS_PER_EPOCH
     # the damaged checkpoint was rewritten whole by the resumed run
@@ -316,7 +312,8 @@ NONFINITE = re.compile(r"^pipemlaan: error: .*\brank (\d+)\b.*\bmodule (\d+)\b.*
                        re.M)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
+# one process: tests/test_no_host_sync.py plants a NaN at a known step, in both modes
+@pytest.mark.parametrize("ranks", [2])
 def test_nonfinite_loss_stops_naming_rank_module_step(tmp_path, ranks):
     name = unique_name(f"nan{ranks}")
     args = [*TINY, "--train.lr=1e6", "--train.epochs=2", "--pipeline.mode=lockstep",
@@ -331,16 +328,14 @@ def test_nonfinite_loss_stops_naming_rank_module_step(tmp_path, ranks):
     assert not (tmp_path / "runs" / name / "summary.json").exists()
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_nonfinite_skip_finishes(tmp_path, ranks):
-    name = unique_name(f"nanskip{ranks}")
+def test_nonfinite_skip_finishes(tmp_path):
+    """2 ranks (in one process, a thread each): non-finite batches are dropped, the run ends."""
+    from inprocess import run_ranks
     args = [*TINY, "--train.lr=1e6", "--train.epochs=2", "--pipeline.mode=lockstep",
-            "--train.nonfinite=skip", f"--run.dir={tmp_path / 'runs'}", f"--run.name={name}"]
-    proc = run_to_end(train_cmd(ranks, args), tmp_path / "launch", name)
-    assert proc.popen.returncode == 0, proc.describe()
-    assert not error_lines(proc.stderr_text), proc.describe()
-    summary = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
-    assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["world_size"] == ranks
+            "--train.nonfinite=skip", f"--run.dir={tmp_path / 'runs'}", "--run.name=nanskip"]
+    summary = run_ranks(args, 2)["summary"]
+    assert summary["steps"] == 2 * STEPS_PER_EPOCH and summary["world_size"] == 2
+    assert sum(summary["skipped_updates"].values()) > 0, "lr=1e6 gave no non-finite update"
 
 
 def test_nonfinite_skip_leaves_no_batch_pending(tmp_path):
@@ -421,7 +416,13 @@ def _validation_args(tmp_path: Path, case: str) -> tuple[int, list[str], str, Pa
     return ranks, args, key, runs, name
 
 
-@pytest.mark.parametrize("case", list(VALIDATION_CASES))
+# under torchrun: one error found before the process group, one by every rank alike, one on
+# rank 0 alone (the data), one through the broadcast lengths; all of them without torchrun below
+TORCHRUN_CASES = ["unknown-model", "world-larger-than-K", "fashion-missing",
+                  "batch-larger-than-data"]
+
+
+@pytest.mark.parametrize("case", TORCHRUN_CASES)
 def test_startup_error_under_torchrun_is_quick_and_named(tmp_path, case):
     ranks, args, key, runs, name = _validation_args(tmp_path, case)
     proc = run_to_end(train_cmd(ranks, args), tmp_path / "launch", name,
@@ -448,7 +449,8 @@ def test_startup_error_under_torchrun_is_quick_and_named(tmp_path, case):
 # load_config errors (unknown model or method) come before any process group: every rank
 # finds them alone. The others are found once the process group is up, on one rank (data:
 # rank 0) or all, and must reach every rank through agree() / the broadcast lengths.
-COLLECTIVE_CASES = [c for c in VALIDATION_CASES if not c.startswith("unknown-")]
+COLLECTIVE_CASES = ["world-larger-than-K", "partition-below-window", "fashion-missing",
+                    "batch-larger-than-data"]     # the data's other errors: tests/test_data.py
 
 
 @pytest.mark.parametrize("case", COLLECTIVE_CASES)

@@ -442,7 +442,7 @@ def test_short_run_lowers_every_module_loss(label):
     K = len(mods)
     stage = Stage(cfg, mods, window_plan(cfg, K), CPU)
     train, _, _ = load_datasets(cfg.data)
-    bs, steps, history = 32, 60, []
+    bs, steps, history = 32, 36, []
     stream = (b for epoch in itertools.count() for b in
               train.batches(bs, epoch=epoch, seed=0, train=True))
     for t in range(steps):

@@ -17,9 +17,9 @@ processes, exit codes; and that a torchrun launch trains exactly as the in-proce
 - per-rank metrics lines (lockstep 2 ranks, async 4 ranks), with gloo's real waits;
 - data-parallel replicas over gloo (D=2 x S=2, lockstep, sync_bn) equal the single process at
   the same global batch (the in-process single run), and the replicas really split the batch;
-- start-up failures are named errors, not hangs: a rank with a different config, a world that
-  pipeline.replicas does not divide (a world larger than model.K: test_faults.py's start-up
-  cases);
+- start-up failures are named errors, not hangs: a rank with a different config (a world that
+  pipeline.replicas does not divide: test_config_cli.py; a world larger than model.K:
+  test_faults.py's start-up cases);
 - every launch that should succeed exits 0 on every rank.
 
 Run:
@@ -166,11 +166,10 @@ def _handshake_job(key: str, root: Path) -> Result:
 RECORDED = {"async-lam-4"}
 
 # the torchrun launches that stay (runs.py TRAIN_RUNS has every config by key)
-LAUNCHED = ["ref-dgl+mlaan", "lock-dgl+mlaan-2", "async-lam-4", "dp-2x2-dgl+mlaan"]
+# (the single-process reference is the in-process run: a world of one rank, no transport)
+LAUNCHED = ["lock-dgl+mlaan-2", "async-lam-4", "dp-2x2-dgl+mlaan"]
 JOBS = {key: partial(_train_job, *TRAIN_RUNS[key]) for key in LAUNCHED}
 JOBS["handshake"] = _handshake_job
-JOBS["dp-indivisible"] = partial(_train_job, 3, [*LOCKSTEP, *MLAAN, "--pipeline.replicas=2"],
-                                 timeout=FAIL_TIMEOUT_S)
 
 
 class Runner:
@@ -231,16 +230,16 @@ def error_lines(res: Result) -> list[str]:
 
 # ---- lockstep equivalence ------------------------------------------------------------------
 # every method, 2, 3 and 4 ranks, window 3, LAM sync interval: test_inprocess.py
-@needs(lambda: ["ref-dgl+mlaan", "lock-dgl+mlaan-2"])
-def test_lockstep_equals_single_process(runner):
-    ref = runner.get("ref-dgl+mlaan").check()
+@needs(lambda: ["lock-dgl+mlaan-2"])
+def test_lockstep_equals_single_process(runner, inprocess_runs):
+    ref = inprocess_runs.get("ref-dgl+mlaan")
     got = runner.get("lock-dgl+mlaan-2").check()
     check_lockstep_equals_single_process(ref, got, 2, "dgl+mlaan")
 
 
-@needs(lambda: ["ref-dgl+mlaan", "lock-dgl+mlaan-2"])
-def test_lockstep_evaluation_equals_single_process(runner):
-    check_evaluation_equals_single_process(runner.get("ref-dgl+mlaan").check(),
+@needs(lambda: ["lock-dgl+mlaan-2"])
+def test_lockstep_evaluation_equals_single_process(runner, inprocess_runs):
+    check_evaluation_equals_single_process(inprocess_runs.get("ref-dgl+mlaan"),
                                            runner.get("lock-dgl+mlaan-2").check())
 
 
@@ -322,15 +321,8 @@ def test_replicas_really_split_the_batch(runner):
     check_replicas_split_the_batch(runner.get("dp-2x2-dgl+mlaan").check())
 
 
-@needs(lambda: ["dp-indivisible"])
-def test_replicas_must_divide_the_world(runner):
-    errors = failed_cleanly(runner.get("dp-indivisible"))
-    assert errors and len(set(errors)) == 1, errors
-    assert "pipeline.replicas=2" in errors[0] and "3 ranks" in errors[0], errors
-
-
 # ---- clean shutdown ------------------------------------------------------------------------
-EXPECTED_FAILURES = {"handshake", "dp-indivisible"}
+EXPECTED_FAILURES = {"handshake"}
 
 
 @needs(lambda: [k for k in JOBS if k not in EXPECTED_FAILURES])

@@ -31,7 +31,8 @@ def _torchrun(args: list[str], ranks: int = 2, timeout: float = 120):
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+# GPipe is the same code with another schedule class (make bench runs both)
+@pytest.mark.parametrize("schedule", ["1f1b"])
 def test_two_ranks_train_and_report(schedule, tmp_path):
     out = tmp_path / "result.json"
     proc = _torchrun([*TINY, "--schedule", schedule, "--out", str(out)])
