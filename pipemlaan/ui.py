@@ -104,6 +104,10 @@ class LiveView(NullView):
 
     def stop(self) -> None:
         if self.live:
+            # the last frame shows every rank: by the run's end (after the summary's gather)
+            # every rank's last line is in metrics.jsonl
+            self._poll()
+            self.live.update(self._render())
             self.live.stop()
             self.live = None
             if not console.is_terminal:     # rich leaves the last frame's line open there
