@@ -3,6 +3,7 @@ DGL+MLAAN and InfoPro+MLAAN each under the reference MLM plan ("NAME:ref": the m
 the first window have no head of their own) and with every module headed ("NAME:headed").
 
   python -m benchmarks.study --jobs 2 --workdir W --resume   # 3 seeds x 3 epochs (hours on 2 cores)
+  python -m benchmarks.study --workdir W --report-only       # report what W holds, train nothing
   python -m benchmarks.study --quick                        # one seed, 20k images, 1 epoch
   python -m benchmarks.study --methods dgl,dgl+mlm,dgl+lam,dgl+mlaan   # the paper's ablation
   python -m benchmarks.study --epochs 1 --jobs 2 --staleness-check --async-check
@@ -83,10 +84,12 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path, extra: tuple = 
     if args.resume and _finished(workdir / name, flags):
         s = json.loads((workdir / name / "summary.json").read_text())
         print(f"{method:<14} seed {seed} ranks {ranks}: kept from {workdir / name}", flush=True)
-        return {**s, "curve": _curve(workdir / name)}
+        return {**s, "curve": _curve(workdir / name), "seed": seed}
+    if args.report_only:
+        return None
     launch.run(cmd, env, args.timeout)
     s = json.loads((workdir / name / "summary.json").read_text())
-    s["curve"] = _curve(workdir / name)
+    s["curve"], s["seed"] = _curve(workdir / name), seed
     print(f"{method:<14} seed {seed} ranks {ranks}: top-1 error {s['test_top1_error']:.2f}% "
           f"({s['wall_s']:.0f} s, {s['images_per_s']:.0f} img/s)", flush=True)
     return s
@@ -124,7 +127,7 @@ def aggregate(runs: list[dict]) -> dict:
     epochs = list(zip(*(r["curve"] for r in runs)))       # epoch -> the seeds' errors
     return {"top1_error_mean": statistics.fmean(errs), "top1_error_std": _std(errs),
             "top1_error_spread": (max(errs) - min(errs)) / 2 if len(errs) > 1 else 0.0,
-            "top1_errors": errs,
+            "top1_errors": errs, "seeds": [r["seed"] for r in runs],
             "curve_mean": [statistics.fmean(e) for e in epochs],
             "curve_std": [_std(list(e)) for e in epochs],
             "wall_s_mean": statistics.fmean(r["wall_s"] for r in runs),
@@ -173,6 +176,29 @@ def plot(results: dict, path: Path, K: int) -> None:
     fig.savefig(path, dpi=120)
 
 
+def plan_decisions(results: dict) -> list[str]:
+    """The defaults rule, applied to each MLAAN variant studied under both plans: the plan with
+    the lower mean error wins, unless the means are within one standard deviation (the larger
+    of the two plans'), where the reference plan stays."""
+    out = []
+    for label in sorted({m.partition(":")[0] for m in results if ":" in m}):
+        ref, headed = results.get(f"{label}:ref"), results.get(f"{label}:headed")
+        if not (ref and headed):
+            continue
+        diff = headed["top1_error_mean"] - ref["top1_error_mean"]
+        std = max(ref["top1_error_std"], headed["top1_error_std"])
+        n = min(len(ref["top1_errors"]), len(headed["top1_errors"]))
+        if n < 2:
+            verdict = "undecided (one seed: no standard deviation)"
+        elif abs(diff) <= std:
+            verdict = "within one standard deviation: the reference plan stays"
+        else:
+            verdict = "every module headed wins" if diff < 0 else "the reference plan wins"
+        out.append(f"- {label}: headed - ref = {diff:+.2f} points (larger std {std:.2f}, "
+                   f"{n} seeds each): {verdict}.")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.study", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,7 +227,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight", dest="microbatches", type=int, default=2,
                    help="batches in flight per rank in the pipelined runs")
     p.add_argument("--timeout", type=int, default=6 * 3600)
+    p.add_argument("--report-only", action="store_true",
+                   help="with --workdir: train nothing, report the runs finished there (a "
+                   "method's row counts the seeds it has; a method with none is left out)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.report_only and not args.workdir:
+        p.error("--report-only reports the runs of a --workdir: name one")
+    args.resume = args.resume or args.report_only
     if args.quick:
         args.seeds, args.epochs, args.train_subset = "0", 1, 20000
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -226,12 +258,17 @@ def main(argv: list[str] | None = None) -> int:
                 futures[label] = [pool.submit(run, args, m, s, 1, Path(tmp), extra, tag)
                                   for s in seeds]
             for method in futures:
-                raw[method] = [f.result() for f in futures[method]]
-                results[method] = aggregate(raw[method])
+                raw[method] = [r for r in (f.result() for f in futures[method]) if r]
+                if raw[method]:
+                    results[method] = aggregate(raw[method])
+                else:
+                    del raw[method]
         if args.async_check:
             label = f"dgl+mlaan async 4 ranks, {args.microbatches} in flight"
-            raw[label] = [run(args, "dgl+mlaan", s, 4, Path(tmp)) for s in seeds]
-            results[label] = aggregate(raw[label])
+            raw[label] = [r for r in (run(args, "dgl+mlaan", s, 4, Path(tmp)) for s in seeds)
+                          if r]
+            if raw[label]:
+                results[label] = aggregate(raw[label])
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"study-fmnist-{stamp}"
     base.with_suffix(".json").write_text(json.dumps(
@@ -242,18 +279,19 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.lr}, seeds {seeds}, train subset {args.train_subset or 'all 60000'}, "
              f"test set 10000, {args.ranks} rank(s), {args.jobs} run(s) at once on "
              f"{os.cpu_count()} CPU cores.", "",
-             "| method | test top-1 error, mean ± std | vs BP | every seed | by epoch (mean) "
-             "| wall s | images/s | peak memory per rank (MiB) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | test top-1 error, mean ± std | vs BP | seeds | every seed | by epoch "
+             "(mean) | wall s | images/s | peak memory per rank (MiB) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     bp = results.get("bp")
     for m, r in results.items():
         mem = ", ".join(f"{b / 2**20:.0f}" for b in r["peak_memory_bytes"])
         vs = f"{r['top1_error_mean'] - bp['top1_error_mean']:+.2f}" if bp else ""
-        seeds_ = ", ".join(f"{e:.2f}" for e in r["top1_errors"])
+        seeds_ = ", ".join(f"s{k} {e:.2f}" for k, e in zip(r["seeds"], r["top1_errors"]))
         curve = " → ".join(f"{e:.2f}" for e in r["curve_mean"])
         lines.append(f"| {m} | {r['top1_error_mean']:.2f} ± {r['top1_error_std']:.2f} | {vs} | "
-                     f"{seeds_} | {curve} | {r['wall_s_mean']:.0f} | "
+                     f"{len(r['top1_errors'])} | {seeds_} | {curve} | {r['wall_s_mean']:.0f} | "
                      f"{r['images_per_s_mean']:.0f} | {mem} |")
+    lines += ["", *plan_decisions(results)]
     base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(results, base.with_suffix(".png"), args.K)
     print("\n".join(lines))

@@ -55,6 +55,9 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+_TRACED: list = []
+
+
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     if args.help_config:
@@ -66,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         env = init_distributed(cfg)
         install(stop, env.rank)
         trainer = Trainer(cfg, env, stop)
+        if cfg.run.profile_steps:
+            # never freed: freeing a traced trainer (its process groups, whose threads then
+            # exit) aborted one run in six (torch 2.14, CPU, gloo: "tcache_thread_shutdown():
+            # unaligned tcache chunk detected"); a distributed process ends with os._exit
+            _TRACED.append(trainer)
         try:
             trainer.train()
         finally:
