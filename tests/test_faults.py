@@ -24,14 +24,12 @@ own) and any process carrying the test's unique run name, so nothing is left beh
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import re
 import resource
 import shutil
 import signal
-import struct
 import time
 import warnings
 from pathlib import Path
@@ -361,50 +359,17 @@ def test_nonfinite_skip_leaves_no_batch_pending(tmp_path):
 
 
 # ---- 6. validation before any compute, on every rank -----------------------------------------
-def _idx(path: Path, magic: int, dims: tuple[int, ...]) -> None:
-    n = 1
-    for d in dims:
-        n *= d
-    body = struct.pack(f">I{len(dims)}I", magic, *dims) + bytes(i % 10 for i in range(n))
-    with gzip.open(path, "wb") as f:
-        f.write(body)
-
-
-def _fashion(root: Path, *, image_magic: int = 2051, n_train_labels: int = 20) -> Path:
-    root.mkdir(parents=True)
-    _idx(root / "train-images-idx3-ubyte.gz", image_magic, (20, 28, 28))
-    _idx(root / "train-labels-idx1-ubyte.gz", 2049, (n_train_labels,))
-    _idx(root / "t10k-images-idx3-ubyte.gz", image_magic, (10, 28, 28))
-    _idx(root / "t10k-labels-idx1-ubyte.gz", 2049, (10,))
-    return root
-
-
 VALIDATION_CASES = {
-    # case: (ranks, extra args (a callable of tmp_path gives them), text the error names)
-    "unknown-model": (2, ["--model.name=vgg11"], "model.name"),
-    "unknown-method": (2, ["--method.name=backprop"], "method.name"),
+    # case: (ranks, extra args (a callable of tmp_path gives them), text the error names); the
+    # errors load_config finds alone, and the data's others, are checked without processes in
+    # test_config_cli.py and test_data.py
     "world-larger-than-K": (3, ["--model.K=2"], "model.K"),
-    "partition-length": (2, ["--pipeline.partition=[1,1,2]"], "pipeline.partition"),
     "partition-below-window": (3, ["--method.window=3", "--pipeline.partition=[1,1,2]"],
                                "pipeline.partition"),
     "fashion-missing": (2, lambda t: ["--data.name=fashion_mnist", f"--data.root={t / 'none'}"],
                         "data.root"),
-    "idx-bad-magic": (2, lambda t: ["--data.name=fashion_mnist",
-                                    f"--data.root={_fashion(t / 'fm', image_magic=2052)}"],
-                      "data.root"),
-    "idx-count-mismatch": (2, lambda t: ["--data.name=fashion_mnist",
-                                         f"--data.root={_fashion(t / 'fm', n_train_labels=19)}"],
-                           "data.root"),
     "batch-larger-than-data": (2, ["--train.batch_size=512"], "train.batch_size"),
 }
-
-
-def test_fashion_helper_writes_valid_idx(tmp_path):
-    """The IDX writer of the cases below makes files the validator accepts when intact, so
-    those cases fail for the reason they name."""
-    from pipemlaan.config import DataConfig
-    from pipemlaan.data import validate_data
-    validate_data(DataConfig(name="fashion_mnist", root=str(_fashion(tmp_path / "ok"))))
 
 
 def _validation_args(tmp_path: Path, case: str) -> tuple[int, list[str], str, Path, str]:
@@ -416,10 +381,10 @@ def _validation_args(tmp_path: Path, case: str) -> tuple[int, list[str], str, Pa
     return ranks, args, key, runs, name
 
 
-# under torchrun: one error found before the process group, one by every rank alike, one on
-# rank 0 alone (the data), one through the broadcast lengths; all of them without torchrun below
-TORCHRUN_CASES = ["unknown-model", "world-larger-than-K", "fashion-missing",
-                  "batch-larger-than-data"]
+# under torchrun: one error found by every rank alike, one on rank 0 alone (the data); the
+# errors found before the process group exit 2 alone (test_config_cli.py), and the broadcast
+# lengths' case is checked without torchrun below, where no launcher stops a waiting rank
+TORCHRUN_CASES = ["world-larger-than-K", "fashion-missing"]
 
 
 @pytest.mark.parametrize("case", TORCHRUN_CASES)
@@ -449,7 +414,8 @@ def test_startup_error_under_torchrun_is_quick_and_named(tmp_path, case):
 # load_config errors (unknown model or method) come before any process group: every rank
 # finds them alone. The others are found once the process group is up, on one rank (data:
 # rank 0) or all, and must reach every rank through agree() / the broadcast lengths.
-COLLECTIVE_CASES = ["world-larger-than-K", "partition-below-window", "fashion-missing",
+# (world-larger-than-K, found by every rank alike, is checked under torchrun above)
+COLLECTIVE_CASES = ["partition-below-window", "fashion-missing",
                     "batch-larger-than-data"]     # the data's other errors: tests/test_data.py
 
 
