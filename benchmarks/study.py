@@ -112,6 +112,9 @@ def _finished(run_dir: Path, flags: list[str]) -> bool:
     except ConfigError:
         return False
     wanted = load_config(None, flags).to_dict()
+    # the threads a run had (set by --jobs) change its speed, not what it is
+    for cfg in (had, wanted):
+        cfg.get("train", {}).pop("threads", None)
     return all(had.get(k) == v for k, v in wanted.items() if k != "run")
 
 
@@ -195,7 +198,7 @@ def plan_decisions(results: dict) -> list[str]:
         else:
             verdict = "every module headed wins" if diff < 0 else "the reference plan wins"
         out.append(f"- {label}: headed - ref = {diff:+.2f} points (larger std {std:.2f}, "
-                   f"{n} seeds each): {verdict}.")
+                   f"{n} seed{'s' if n > 1 else ''} each): {verdict}.")
     return out
 
 
