@@ -243,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.methods.split(",")
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     results, raw = {}, {}
+
+    def keep(label: str, runs: list) -> None:
+        """A row for the runs that finished (None: not run, under --report-only)."""
+        if runs := [r for r in runs if r]:
+            raw[label], results[label] = runs, aggregate(runs)
     with tempfile.TemporaryDirectory(prefix="pipemlaan-study-") as scratch:
         tmp = args.workdir or scratch
         jobs = args.jobs if args.ranks == 1 else 1
@@ -261,17 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                 futures[label] = [pool.submit(run, args, m, s, 1, Path(tmp), extra, tag)
                                   for s in seeds]
             for method in futures:
-                raw[method] = [r for r in (f.result() for f in futures[method]) if r]
-                if raw[method]:
-                    results[method] = aggregate(raw[method])
-                else:
-                    del raw[method]
+                keep(method, [f.result() for f in futures[method]])
         if args.async_check:
-            label = f"dgl+mlaan async 4 ranks, {args.microbatches} in flight"
-            raw[label] = [r for r in (run(args, "dgl+mlaan", s, 4, Path(tmp)) for s in seeds)
-                          if r]
-            if raw[label]:
-                results[label] = aggregate(raw[label])
+            keep(f"dgl+mlaan async 4 ranks, {args.microbatches} in flight",
+                 [run(args, "dgl+mlaan", s, 4, Path(tmp)) for s in seeds])
     RESULTS.mkdir(parents=True, exist_ok=True)
     base = RESULTS / f"study-fmnist-{stamp}"
     base.with_suffix(".json").write_text(json.dumps(
