@@ -54,6 +54,7 @@ from torch import nn
 from pipemlaan.config import Config, load_config, parse_method
 from pipemlaan.data import DatasetSpec
 from pipemlaan.errors import ConfigError
+from pipemlaan.flops import module_training_flops
 from pipemlaan.engine.partition import (balanced_partition, measure_costs, stage_bounds,
                                         window_spans)
 from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
@@ -188,37 +189,18 @@ EIGHT_NODES = [(64, s) for s in (4, 8, 16, 32)]                    # 8 nodes x 8
 
 def flop_setup(model: str, K: int, method: str, batch: int, image, flops_per_s: float,
                classes: int = 10) -> Setup:
-    """Per-module costs from counted multiply-adds (x2 FLOPs, x3 for forward + backward)."""
+    """Per-module costs from counted training FLOPs (pipemlaan/flops.py: 6 x multiply-adds of
+    every trained layer, 2 x those of the EMA twins, which run forward only)."""
     c, h, w = image
     _, modules = build_local_modules(_cfg(model, K, method), _spec(image, classes))
-    for mod in modules:        # one image: training-mode batch norm over a 1-row batch fails
-        mod.eval()
-    macs = [0]
-
-    def hook(mod, inp, out):
-        if isinstance(mod, nn.Conv2d):
-            macs[0] += out.numel() * mod.in_channels // mod.groups * \
-                mod.kernel_size[0] * mod.kernel_size[1]
-        elif isinstance(mod, nn.Linear):
-            macs[0] += out.numel() * mod.in_features
-    handles = [m.register_forward_hook(hook) for mod in modules for m in mod.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
     costs, bytes_out, grads = [], [], []
-    with torch.no_grad():
-        z = torch.zeros(1, c, h, w)
-        for mod in modules:
-            macs[0] = 0
-            out = mod.body(z)
-            for head in (mod.g, mod.h):
-                if head is not None:
-                    head(out, torch.zeros(1, dtype=torch.long), z if z.shape[1] == c else
-                         torch.zeros(1, c, h, w))
-            costs.append(3 * 2 * macs[0] * batch / flops_per_s)
-            bytes_out.append(out.numel() * batch * 2)     # bf16 activations on GPUs
-            grads.append(sum(p.numel() * 4 for p in mod.parameters() if p.requires_grad))
-            z = out
-    for hd in handles:
-        hd.remove()
+    z, images = torch.zeros(1, c, h, w), torch.zeros(1, c, h, w)
+    for mod in modules:
+        flops, out = module_training_flops(mod, z, images)
+        costs.append(flops * batch / flops_per_s)
+        bytes_out.append(out.numel() * batch * 2)     # bf16 activations on GPUs
+        grads.append(sum(p.numel() * 4 for p in mod.parameters() if p.requires_grad))
+        z = out
     return Setup(costs, bytes_out, grads, batch)
 
 

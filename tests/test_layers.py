@@ -1,7 +1,8 @@
 """The package's imports only point down: each file imports files of its own layer or below,
 never in a loop, and never from inside a function (an import hidden there to dodge a cycle is a
-layering smell). The layers, from the ground up: errors, ui, metrics and checkpoint (no
-pipemlaan imports of their own); models; config; data; local; engine; profile and train.
+layering smell). The layers, from the ground up: errors, ui, metrics, checkpoint, flops and
+provenance (no pipemlaan imports of their own); models; config; data; local; engine; profile
+and train.
 
 Run: .venv/bin/python -m pytest tests/test_layers.py -q
 """
@@ -12,7 +13,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipemlaan"
-LAYERS = [("pipemlaan.errors", "pipemlaan.ui", "pipemlaan.metrics", "pipemlaan.checkpoint"),
+LAYERS = [("pipemlaan.errors", "pipemlaan.ui", "pipemlaan.metrics", "pipemlaan.checkpoint",
+           "pipemlaan.flops", "pipemlaan.provenance"),
           ("pipemlaan.models",), ("pipemlaan.config",), ("pipemlaan.data",),
           ("pipemlaan.local",), ("pipemlaan.engine",), ("pipemlaan.profile", "pipemlaan.train")]
 

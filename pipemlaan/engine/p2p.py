@@ -31,17 +31,26 @@ from pipemlaan.engine.schedule import EVAL, FWD, GRAD, LAM, Msg, Op
 from pipemlaan.errors import PipelineError
 
 
+PARTS = ("compute", "recv", "send", "data", "lam", "allreduce")
+
+
 class StepClock:
-    """Seconds a rank spent computing ("compute") and waiting on its peers ("recv", "send")
-    since the last reset: what a logging window's line reports."""
+    """Seconds a rank spent in each part of its steps since the last reset: computing
+    ("compute"), waiting on its peers ("recv", "send"), waiting for its loader ("data": the
+    first stage's next batch), LAM's EMA step and packing of weights ("lam"), and replica
+    gradient and batch-norm all-reduces ("allreduce"). Spans nest: the all-reduces run inside a
+    step's compute span, and an inner span's time counts for its own part and is taken out of
+    the enclosing one, so no second is counted twice and a window's wall time is the parts'
+    sum plus what no span covers (`parts`: "other")."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.reset()
 
     def reset(self) -> None:
-        self._host = {"recv": 0.0, "send": 0.0, "compute": 0.0}
-        self._events: list[tuple[str, object, object]] = []
+        self._host = dict.fromkeys(PARTS, 0.0)
+        self._events: list[tuple[str, object, object, int]] = []
+        self._open: list[str] = []        # parts of the spans open now, innermost last
 
     def measure(self, kind: str):
         return _Span(self, kind)
@@ -49,10 +58,19 @@ class StepClock:
     def seconds(self, kind: str) -> float:
         if self.cuda and self._events:
             torch.cuda.synchronize()
-            for k, a, b in self._events:
-                self._host[k] += a.elapsed_time(b) / 1000.0
+            for k, a, b, sign in self._events:
+                self._host[k] += sign * a.elapsed_time(b) / 1000.0
             self._events.clear()
         return self._host[kind]
+
+    def parts(self, elapsed: float) -> dict[str, float]:
+        """Seconds per part of a window of `elapsed` wall seconds, with "other" (what no span
+        covered: the loop, logging, the stop rounds) so that they add up to `elapsed`. On CUDA
+        the parts are device time from events, which may exceed the host's wall time when
+        work queued in an earlier window runs in this one: "other" can then be negative."""
+        out = {k: self.seconds(k) for k in PARTS}
+        out["other"] = elapsed - sum(out.values())
+        return out
 
 
 class _Span:
@@ -65,15 +83,24 @@ class _Span:
             self.start.record()
         else:
             self.t0 = time.perf_counter()
+        self.clock._open.append(self.kind)
         return self
 
     def __exit__(self, *exc):
-        if self.clock.cuda:
+        clock = self.clock
+        clock._open.pop()
+        outer = clock._open[-1] if clock._open else None
+        if clock.cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self.clock._events.append((self.kind, self.start, end))
+            clock._events.append((self.kind, self.start, end, 1))
+            if outer is not None:
+                clock._events.append((outer, self.start, end, -1))
         else:
-            self.clock._host[self.kind] += time.perf_counter() - self.t0
+            d = time.perf_counter() - self.t0
+            clock._host[self.kind] += d
+            if outer is not None:
+                clock._host[outer] -= d
         return False
 
 
@@ -106,6 +133,14 @@ class Transport:
         self._grads = (torch.empty((grads_in, B, *self.out_shape), dtype=act_dtype,
                                    device=device) if has_next and grads_in else None)
         self.lam_buffer = lam_buffer   # owner rank -> a fresh flat buffer (engine/lam.py)
+
+    def buffer_bytes(self) -> int:
+        """Bytes of the receive buffers allocated at start-up (activations, labels, images
+        and window gradients; LAM snapshots are counted by engine/lam.py's owner)."""
+        bufs = [*getattr(self, "_acts", []), *getattr(self, "_labels", []),
+                *(getattr(self, "_images", None) or []),
+                *([self._grads] if self._grads is not None else [])]
+        return sum(t.numel() * t.element_size() for t in bufs)
 
     # ---- what compute hands over and takes ------------------------------------------------
     def put(self, msg: Msg, tensors: list[torch.Tensor]) -> None:
