@@ -155,6 +155,9 @@ class PipelineConfig:
                              "exactly as an async pipeline with these module counts per rank "
                              "and pipeline.in_flight in flight would (what staleness alone "
                              "costs); [] = off")
+    emulate_delay: str = _f("both", "with emulate_async: which staleness the one process "
+                            "emulates, both, window (window gradients alone) or lam (LAM "
+                            "snapshots alone), to tell their costs apart")
     predict_weights: bool = _f(False, "async: modules whose window gradient comes a step late "
                                "run their forward on weights predicted along the momentum "
                                "(w - (in_flight-1) x lr x momentum buffer, SpecTrain), so "
@@ -363,7 +366,9 @@ def validate(cfg: Config) -> None:
                                 ("method.infopro_ratio", meth.infopro_ratio,
                                  ("auto", "stage", "module")),
                                 ("method.leap_init", meth.leap_init, ("auto", "copy", "fresh")),
-                                ("train.compile", t.compile, ("off", "on", "auto"))):
+                                ("train.compile", t.compile, ("off", "on", "auto")),
+                                ("pipeline.emulate_delay", p.emulate_delay,
+                                 ("both", "window", "lam"))):
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is unknown; use one of {', '.join(allowed)}")
     if len(meth.infopro_recon) != 2 or len(meth.infopro_ce) != 2:

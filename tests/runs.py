@@ -129,6 +129,15 @@ for _n, _mb in EMULATED_CASES:
                                                _partition(_n).replace("partition",
                                                                       "emulate_async")])
 TRAIN_RUNS["ref-async-single"] = (1, [*ASYNC, *MLAAN])
+# pipeline.emulate_delay: one delay at a time, on MLAAN and on the methods that have only the
+# other one (dgl+mlm: windows, no LAM; dgl+lam: LAM, no window crossing a rank)
+_EMU4 = ["--pipeline.in_flight=2", _partition(4).replace("partition", "emulate_async")]
+for _m in ("dgl+mlaan", "dgl+mlm", "dgl+lam"):
+    if _m != "dgl+mlaan":
+        TRAIN_RUNS[f"ref-async-single-{_m}"] = (1, [*ASYNC, *METHODS[_m]])
+    for _d in ("window", "lam"):
+        TRAIN_RUNS[f"emulate-4-mb2-{_d}-{_m}"] = (1, [*ASYNC, *METHODS[_m], *_EMU4,
+                                                      f"--pipeline.emulate_delay={_d}"])
 # weight prediction, in the pipeline and emulated in one process
 _PRED = [*ASYNC, *MLAAN, "--pipeline.in_flight=2", "--pipeline.predict_weights=true"]
 TRAIN_RUNS["async-2-mb2-pred"] = (2, [*_PRED, _partition(2)])

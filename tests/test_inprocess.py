@@ -158,6 +158,26 @@ def test_one_process_emulates_the_async_pipeline_exactly(runs, ranks, microbatch
     assert states_differ(pipe, runs.get("ref-async-single"), K)
 
 
+@needs(lambda: ["ref-async-single", "emulate-4-mb2", "ref-async-single-dgl+mlm",
+                "ref-async-single-dgl+lam", *(f"emulate-4-mb2-{d}-{m}" for d in ("window", "lam")
+                                             for m in ("dgl+mlaan", "dgl+mlm", "dgl+lam"))])
+def test_emulate_delay_delays_one_staleness_at_a_time(runs):
+    """pipeline.emulate_delay=window delays window gradients alone, =lam LAM snapshots alone
+    (how the cost of each is told apart, docs/method.md#async-staleness): on a method without
+    the other staleness each one equals the whole emulation, and without its own it is the
+    single process, bit for bit; on MLAAN each is a run of its own."""
+    single = runs.get("ref-async-single")
+    both = runs.get("emulate-4-mb2")
+    for m, only in (("dgl+mlm", "window"), ("dgl+lam", "lam")):
+        other = "lam" if only == "window" else "window"
+        ref = runs.get(f"ref-async-single-{m}")
+        assert_params_identical(runs.get(f"emulate-4-mb2-{other}-{m}"), ref, K)
+        assert states_differ(runs.get(f"emulate-4-mb2-{only}-{m}"), ref, K), (m, only)
+    window, lam = (runs.get(f"emulate-4-mb2-{d}-dgl+mlaan") for d in ("window", "lam"))
+    for a, b in ((window, single), (window, both), (lam, single), (lam, both), (window, lam)):
+        assert states_differ(a, b, K), (a.key, b.key)
+
+
 @needs(lambda: ["async-2-mb2-pred", "emulate-2-mb2-pred", "async-2-mb2"])
 def test_weight_prediction_changes_the_run_the_same_way_emulated(runs):
     """pipeline.predict_weights moves the stale modules' forward weights along the momentum:

@@ -282,7 +282,8 @@ def _lam_sync(cfg, env, placement, backbone, all_modules, stage, total, spec, em
     # steps of history an owner keeps: its slowest receiver's lag (lam.py [Note: LAM history])
     keep = max([0, *(spec.lam_lag(o, q) for o, q in spec.lam_flows if o == my_stage)])
     lags = None
-    if emulate is not None:   # the async pipeline's lag: (owner - receiver stage) x M
+    if emulate is not None and cfg.pipeline.emulate_delay != "window":
+        # the async pipeline's lag: (owner - receiver stage) x M
         counts, M = emulate
         emulated = Placement.of(counts, 1, all_modules)
         lags = {k: emulated.stage_lag(k) * M for k, _ in emulated.twins}

@@ -98,7 +98,9 @@ class Stage:
             counts, self._delay = emulate[0], emulate[1] - 1
             ends = [sum(counts[:i + 1]) - 1 for i in range(len(counts))]
             stage_last = {k: next(e for e in ends if e >= k) for k in self.indices}
-            self._held_at = set(ends[:-1]) if self._delay else set()
+            # pipeline.emulate_delay=lam: the LAM lag alone (engine/lam.py), no held gradient
+            window = cfg.pipeline.emulate_delay != "lam"
+            self._held_at = set(ends[:-1]) if self._delay and window else set()
             stash = stash or bool(self._held_at)
         self.stashed = {k for k in self.indices
                         if stash and any(j > stage_last[k] for j in plan.covering(k))}
