@@ -140,6 +140,14 @@ class RunConfig:
     progress: bool = _f(True, "rich progress bar and live stage view on rank 0")
     profile_steps: list = _f([], "[first, last] training steps to trace with torch.profiler "
                              "(one Perfetto/Chrome trace per rank in <run>/traces/); [] = off")
+    tensorboard: bool = _f(True, "TensorBoard event files, one folder per rank in "
+                           "<run>/tensorboard/ (`tensorboard --logdir <run>/tensorboard`): "
+                           "losses, images/s, time shares, memory, evaluations, learning "
+                           "rate. On by default, as Lightning users expect: it costs one small "
+                           "file write per rank per logging window")
+    wandb: bool = _f(False, "also log the same to Weights & Biases (one W&B run per rank, "
+                     "grouped by the run name, files in <run>/wandb/; WANDB_MODE=offline "
+                     "works without a network) when the wandb package is installed")
 
 
 @dataclass

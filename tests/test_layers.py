@@ -14,9 +14,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipemlaan"
 LAYERS = [("pipemlaan.errors", "pipemlaan.ui", "pipemlaan.metrics", "pipemlaan.checkpoint",
-           "pipemlaan.flops", "pipemlaan.provenance"),
+           "pipemlaan.flops", "pipemlaan.provenance", "pipemlaan.trackers"),
           ("pipemlaan.models",), ("pipemlaan.config",), ("pipemlaan.data",),
-          ("pipemlaan.local",), ("pipemlaan.engine",), ("pipemlaan.profile", "pipemlaan.train")]
+          ("pipemlaan.local",), ("pipemlaan.engine",), ("pipemlaan.profile", "pipemlaan.train",
+                                                       "pipemlaan.timeline")]
 
 
 def module_name(path: Path) -> str:

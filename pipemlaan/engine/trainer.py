@@ -30,9 +30,11 @@ from pipemlaan.engine.records import summary, summary_part, train_record
 from pipemlaan.engine.schedule import (STOP, Collective, Compute, Post, RankSchedule,
                                        StartCollective, Wait, WaitCollective, run_events)
 from pipemlaan.engine.setup import build
+from pipemlaan.engine.spans import ActionSpans, measure_clock
 from pipemlaan.engine.stage import NonFiniteLoss
 from pipemlaan.checkpoint import write_meta
 from pipemlaan.metrics import MetricsWriter, StepTracer
+from pipemlaan.trackers import open_trackers, scalars
 from pipemlaan.ui import LiveView, NullView, console, results_table
 
 
@@ -49,6 +51,12 @@ class Trainer:
             (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
         barrier(env)
         self.metrics = MetricsWriter(cfg.run_dir / "metrics.jsonl")
+        self.tracker = open_trackers(cfg.run_dir, env.rank, tensorboard=cfg.run.tensorboard,
+                                     wandb=cfg.run.wandb, start_step=self.step,
+                                     name=cfg.run_name, config=cfg.to_dict())
+        # every action's host times (engine/spans.py), on the clock of rank 0
+        self.spans, self._at = ActionSpans(), self.step
+        self.spans.clock = measure_clock(env)
         self._inputs: dict = {}        # batches the first stage loaded, by step / eval index
         self._batches = None
         self._lr = 0.0
@@ -94,6 +102,7 @@ class Trainer:
             i = 0
             while i < len(self.events):      # a stop agreed during a run of steps moves its end
                 ev, self._event = self.events[i], i
+                self._at = self.step
                 if ev.kind == "train":
                     t0 = time.perf_counter()
                     images += self._train_run(i, view)
@@ -136,6 +145,7 @@ class Trainer:
         t = a
         while t < self.events[i].b:
             self._tracer.at(t)
+            self._at = t
             self._run(self.sched.step(t, a, self.events[i].b))
             b = self.events[i].b        # a stop agreed in that step may have moved it
             if s.lam:
@@ -150,7 +160,7 @@ class Trainer:
                 elapsed = time.perf_counter() - window_t0
                 record = train_record(s, s.clock, self.step, (t - 1) // s.steps_per_epoch,
                                       self._lr, window_images / elapsed, elapsed)
-                self.metrics.write(record)
+                self._record(record)
                 view.update(self.step, record if self.env.rank == 0 else {})
                 window_t0, window_images = time.perf_counter(), 0
                 s.clock.reset()
@@ -161,9 +171,11 @@ class Trainer:
     # ---- the dispatcher: every action of the schedule, and nothing else --------------------
     def _run(self, actions) -> None:
         tr, comm = self.s.transport, self.env.comm
+        add, now, at = self.spans.add, time.perf_counter_ns, self._at
         for act in actions:
             if comm is not None:
                 comm.doing(act)
+            t0 = now()
             if isinstance(act, Post):
                 tr.post(act.ops)
             elif isinstance(act, Wait):
@@ -178,6 +190,7 @@ class Trainer:
                 self._wait_round(act)
             else:
                 raise TypeError(f"unknown action {act!r}")
+            add((t0, now(), at, act))
         if comm is not None:
             comm.doing(None)
 
@@ -279,8 +292,8 @@ class Trainer:
 
     def _log_preempted(self, step: int) -> None:
         if self.env.rank == 0:
-            self.metrics.write({"kind": "preempted", "step": step, "epoch": self.epoch,
-                                "rank": 0, "reason": self.stop.reason})
+            self._record({"kind": "preempted", "step": step, "epoch": self.epoch,
+                          "rank": 0, "reason": self.stop.reason})
 
     # ---- checkpoints (the schedule's `checkpoint` actions) ----------------------------------
     def save_checkpoint(self) -> None:
@@ -291,6 +304,7 @@ class Trainer:
     def _do_write_checkpoint(self, act: Compute) -> None:
         self._gathered["checkpoint"] = checkpoints.write_module_files(
             self.cfg.run_dir, act.index, self.stage, self.s.lam, self.s.replica)
+        self._write_spans()        # a killed run keeps its timeline up to here
 
     def _do_write_meta(self, act: Compute) -> None:
         s, step = self.s, act.index
@@ -341,8 +355,8 @@ class Trainer:
         """`train_s`: training seconds of this launch so far, evaluation excluded (what a
         time-to-accuracy comparison reads)."""
         if self.env.rank == 0:
-            self.metrics.write({"kind": "eval", "step": self.step, "epoch": self.epoch,
-                                "rank": 0, "train_s": train_s, **result})
+            self._record({"kind": "eval", "step": self.step, "epoch": self.epoch,
+                          "rank": 0, "train_s": train_s, **result})
             console.print(f"epoch {self.epoch} step {self.step}: test top-1 error "
                           f"{result['test_top1_error']:.2f}%, top-5 "
                           f"{result['test_top5_error']:.2f}%")
@@ -387,5 +401,18 @@ class Trainer:
     def preempted(self) -> bool:
         return self.stop.at_step is not None and self.step == self.stop.at_step
 
+    def _record(self, record: dict) -> None:
+        """A metrics.jsonl line, and the same figures to the trackers (trackers.py)."""
+        self.metrics.write(record)
+        self.tracker.log(scalars(record), record["step"])
+
+    def _write_spans(self) -> None:
+        self.spans.write(self.cfg.run_dir / "timeline", self.env.rank, self.env.world)
+
     def close(self) -> None:
         self.metrics.close()
+        self.tracker.close()
+        try:
+            self._write_spans()
+        except OSError:
+            pass        # a full disk: the run's own outcome matters more than its timeline
