@@ -126,6 +126,9 @@ class TrainConfig:
     compile: str = _f("off", "off | on | auto: torch.compile (inductor) each module's body and "
                       "heads, eager if compiling fails (auto: on for CUDA ranks when triton is "
                       "installed, off on CPU; composes with train.cuda_graphs)")
+    peak_tflops: float = _f(0.0, "dense peak TFLOP/s of one device, for the share of peak a "
+                            "rank's FLOP rate reaches (0 = auto: the datasheet figure of known "
+                            "GPUs, a measured fp32 matmul on CPU)")
 
 
 @dataclass
@@ -137,7 +140,9 @@ class RunConfig:
     log_every: int = _f(20, "write a metrics.jsonl line every N steps")
     checkpoint_every: int = _f(1, "write checkpoints every N epochs (and at the end)")
     checkpoint_steps: int = _f(0, "also write a checkpoint every N steps (0 = only per epoch)")
-    progress: bool = _f(True, "rich progress bar and live stage view on rank 0")
+    progress: bool = _f(True, "progress on rank 0: a rich progress bar and live stage view on "
+                        "a terminal, a plain line every run.log_every steps elsewhere (a log "
+                        "file, SLURM, CI)")
     profile_steps: list = _f([], "[first, last] training steps to trace with torch.profiler "
                              "(one Perfetto/Chrome trace per rank in <run>/traces/); [] = off")
     tensorboard: bool = _f(True, "TensorBoard event files, one folder per rank in "
@@ -392,6 +397,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.max_steps={t.max_steps}: use 0 for no limit")
     if t.lr <= 0:
         raise ConfigError(f"train.lr={t.lr}: must be positive")
+    if t.peak_tflops < 0:
+        raise ConfigError(f"train.peak_tflops={t.peak_tflops}: use 0 for auto, or one "
+                          f"device's dense peak TFLOP/s")
     if p.in_flight < 1:
         raise ConfigError(f"pipeline.in_flight={p.in_flight}: must be at least 1")
     if p.lam_sync_every < 1:

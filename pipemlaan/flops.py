@@ -169,3 +169,17 @@ def utilisation(flops_per_image: float, images_per_s: float, peak_tflops: float 
     """(achieved TFLOP/s, share of the peak or None when the peak is unknown)."""
     tflops = flops_per_image * images_per_s / 1e12
     return tflops, (tflops / peak_tflops if peak_tflops else None)
+
+
+def best_measured_peaks(ranks: list[dict]) -> list[dict]:
+    """Every rank's facts (`peak_tflops`, `peak_source`, `host`) with the measured CPU peaks of
+    ranks on one host and thread count replaced by their best: those ranks timed the same cores
+    at the same moment, each slowed by the others' timing, so the fastest is the closest to
+    what one of them can do alone."""
+    best: dict[tuple, float] = {}
+    for r in ranks:
+        if r["peak_source"].startswith("measured") and r["peak_tflops"]:
+            key = (r["host"], r["peak_source"])
+            best[key] = max(best.get(key, 0.0), r["peak_tflops"])
+    return [{**r, "peak_tflops": best.get((r["host"], r["peak_source"]), r["peak_tflops"])}
+            for r in ranks]

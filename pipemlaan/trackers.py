@@ -62,10 +62,11 @@ class TensorBoardTracker(Tracker):
 
     def __init__(self, folder: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter   # optional: not every box has it
-        # purge_step: events an interrupted launch wrote at or after the step this one starts
-        # from are dropped by TensorBoard's reader, so a resumed run's curves do not fold back
+        # purge_step: what an interrupted launch logged after the checkpoint this one starts
+        # from (records are stamped with the steps done, so this launch's first is start + 1)
+        # is dropped by TensorBoard's reader, and a resumed run's curves do not fold back
         self.writer = SummaryWriter(log_dir=str(folder),
-                                    purge_step=start_step if start_step > 0 else None)
+                                    purge_step=start_step + 1 if start_step > 0 else None)
 
     def log(self, metrics, step):
         for tag, v in metrics.items():
@@ -125,7 +126,7 @@ def open_trackers(run_dir: Path, rank: int, *, tensorboard: bool, wandb: bool,
 
 def _say(rank: int, line: str) -> None:
     if rank == 0:
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)   # one line
 
 
 # ---- a metrics.jsonl record as tags ----------------------------------------------------------

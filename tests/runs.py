@@ -48,8 +48,9 @@ CHANCE_ERROR = 100.0 * (1 - 1 / NUM_CLASSES)
 # tests give every module a head (method.first_modules_head) so that every rank count works,
 # and the compact heads keep them fast (the machinery does not depend on the head kind);
 # REF_PLAN runs check the defaults, heads and plan, where they fit.
-# The live view stays on (the default, rendered without a terminal): a user's pipeline runs
-# with it, and a record it cannot show (a rank without a loss of its own) must fail here.
+# The progress view stays on (the default; plain lines, stdout being no terminal): a user's
+# pipeline runs with it, and a record it cannot show (a rank without a loss of its own) must
+# fail here.
 TINY_PLAN = ["--data.name=synthetic", "--data.synthetic_image=[3,8,8]", "--model.name=resnet8",
              f"--model.K={K}", f"--train.batch_size={BATCH}", "--run.log_every=1",
              "--train.device=cpu"]
@@ -549,6 +550,12 @@ def check_per_rank_metrics(res: RunOutputs) -> None:
             assert r["recv_wait_frac"] >= 0 and r["send_wait_frac"] >= 0
             assert r["images_per_s"] > 0
             assert r["compute_frac"] > 0
+            # every part of the window (engine/p2p.py StepClock) adds up to its wall time
+            parts = [r[f"{n}_s"] for n in ("compute", "recv_wait", "send_wait", "data_wait",
+                                           "lam", "allreduce", "other")]
+            assert sum(parts) == pytest.approx(r["window_s"], abs=1e-6)
+            assert min(parts[:-1]) >= 0 and (r["data_wait_s"] > 0) == (r["stage"] == 0)
+            assert r["tflops"] > 0 and r["peak_share"] > 0
             assert r["activation_bytes"] > 0 and r["peak_memory_bytes"] > 0
         if rank > 0:
             assert sum(r["recv_wait_s"] for r in mine) > 0, f"rank {rank} never waited"

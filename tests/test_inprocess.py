@@ -105,7 +105,8 @@ def test_lam_sync_interval_lockstep_equals_single_process(runs, ranks):
 @pytest.mark.parametrize("method", list(METHODS))
 @needs(lambda method, ranks: [f"defaults-{method}-{ranks}"])
 def test_every_method_mix_runs_with_the_defaults_and_the_live_view(runs, method, ranks):
-    """Every default but the data's size, the live view on: a rank whose modules have no loss
+    """Every default but the data's size, the progress view on (plain lines: stdout is no
+    terminal here; tests/test_ui.py renders the live view): a rank whose modules have no loss
     of their own (the reference plan's headless first module, a rank whose last module learns
     only through a window) once ended such runs at their first log line."""
     got = runs.get(f"defaults-{method}-{ranks}")
@@ -117,11 +118,12 @@ def test_every_method_mix_runs_with_the_defaults_and_the_live_view(runs, method,
     assert [k for k, e in enumerate(summary["per_module_test_error"]) if e is None] == headless
     if "mlm" in method or "mlaan" in method:
         assert headless == [0], "the reference plan leaves module 0 without a head"
-    # the view's last frame: one row per rank, a loss or "no head" in each
-    rows = [line.split() for line in got.stdout.splitlines()
-            if line.split()[:1] and line.split()[0].isdigit() and "-" in line.split()[1]]
-    assert sorted({int(r[0]) for r in rows}) == list(range(ranks)), got.describe()
-    assert all(r[-1] == "head" or float(r[-1]) >= 0 for r in rows), got.describe()
+    # the view's last line (plain lines: stdout is no terminal here): every rank, a loss or
+    # "-" (no head) for each
+    last = [line for line in got.stdout.splitlines() if line.startswith("step ")][-1]
+    shown = next(f for f in last.split(" | ") if f.startswith("loss ")).split()[1:]
+    assert shown[0::2] == [f"r{r}" for r in range(ranks)], got.describe()
+    assert all(v == "-" or float(v) >= 0 for v in shown[1::2]), got.describe()
 
 
 # ---- evaluation through the pipeline -------------------------------------------------------

@@ -52,6 +52,7 @@ from pipemlaan.engine.record import ENV as RECORD_ENV
 
 from launching import REPO, launch_env, train_command
 from recorded import check_run, expected_programs, summary_partition
+from timelines import check_clock_offsets_on_one_host, check_tensorboard, check_timeline
 from runs import (ASYNC_LAM, K, LOCKSTEP, MLAAN, TRAIN_RUNS, RunOutputs,
                   assert_params_identical, check_async_trains,
                   check_evaluation_equals_single_process, check_lockstep_equals_single_process,
@@ -292,6 +293,26 @@ METRIC_RUNS = {"lockstep-2ranks": "lock-dgl+mlaan-2", "async-4ranks": "async-lam
 @needs(lambda run: [METRIC_RUNS[run]])
 def test_per_rank_metrics(runner, run):
     check_per_rank_metrics(runner.get(METRIC_RUNS[run]).check())
+
+
+# ---- what a run leaves for its dashboards: the timeline, TensorBoard ----------------------
+# in one process too: test_timeline.py, test_trackers.py
+@pytest.mark.parametrize("run", list(METRIC_RUNS))
+@needs(lambda run: [METRIC_RUNS[run]])
+def test_one_timeline_of_every_rank(runner, run, tmp_path):
+    """Processes on one host: every rank's row, spans that never overlap, every receive after
+    its send on the clock offsets measured at start-up (0 to within their uncertainty here)."""
+    res = runner.get(METRIC_RUNS[run]).check()
+    world = res.summary()["world_size"]
+    check_clock_offsets_on_one_host(res.run_dir)
+    check_timeline(res.run_dir, world, tmp_path, (0, res.summary()["steps"]))
+
+
+@pytest.mark.parametrize("run", list(METRIC_RUNS))
+@needs(lambda run: [METRIC_RUNS[run]])
+def test_tensorboard_event_files_read_back(runner, run):
+    res = runner.get(METRIC_RUNS[run]).check()
+    check_tensorboard(res.run_dir, res.summary()["world_size"])
 
 
 # ---- start-up failures: named errors, not hangs --------------------------------------------

@@ -6,7 +6,11 @@ through the schedule's "gather summary" collective.
 from __future__ import annotations
 
 from pipemlaan.config import method_label
+from pipemlaan.data import dataset_spec
+from pipemlaan.engine.p2p import PARTS
+from pipemlaan.flops import device_peak, precision_of, training_flops_per_image, utilisation
 from pipemlaan.metrics import cuda_memory, state_bytes
+from pipemlaan.provenance import this_rank
 
 
 def memory(setup) -> dict:
@@ -20,24 +24,57 @@ def memory(setup) -> dict:
     return out
 
 
+# a window's parts (engine/p2p.py StepClock) as a record names them: <name>_s and <name>_frac
+PART_NAMES = {"compute": "compute", "recv": "recv_wait", "send": "send_wait",
+              "data": "data_wait", "lam": "lam", "allreduce": "allreduce", "other": "other"}
+assert set(PART_NAMES) == {*PARTS, "other"}
+
+
+def rank_facts(setup) -> dict:
+    """What this rank is for the whole run: its host and device (pipemlaan/provenance.py), its
+    modules and their parameters, the training FLOPs per image of its work and its device's
+    peak (pipemlaan/flops.py). Gathered from every rank at start-up, for the banner,
+    provenance.json and the records."""
+    cfg, env, stage = setup.cfg, setup.env, setup.stage
+    spec = dataset_spec(cfg.data)
+    image_shape = (spec.in_channels, *spec.image_size)
+    in_shape = setup.transport.in_shape if setup.transport is not None else image_shape
+    modules = [stage.modules[k] for k in stage.indices]
+    precision = precision_of(env.device, cfg.train.bf16)
+    peak, source = device_peak(env.device, precision, cfg.train.peak_tflops)
+    return {**this_rank(env.rank, env.device), "replica": setup.replica,
+            "stage": setup.stage_index, "modules": [stage.indices[0], stage.indices[-1]],
+            "params": sum(p.numel() for m in modules for p in m.parameters()),
+            "flops_per_image": sum(training_flops_per_image(modules, in_shape, image_shape)),
+            "precision": precision, "peak_tflops": peak, "peak_source": source}
+
+
 def train_record(setup, clock, step: int, epoch: int, lr: float, images_per_s: float,
-                 elapsed: float) -> dict:
+                 elapsed: float, facts: dict) -> dict:
     """One metrics.jsonl line for a logging window of `elapsed` seconds on this rank; `clock`
-    (engine/p2p.py StepClock) holds the window's compute and wait seconds."""
-    recv, send, compute = (clock.seconds(k) for k in ("recv", "send", "compute"))
+    (engine/p2p.py StepClock) holds the window's seconds per part, `facts` this rank's
+    `rank_facts`. `images_per_s` counts whole batches: a replica trains 1/D of each."""
+    parts = clock.parts(elapsed)
+    timing = {"window_s": elapsed}
+    for part, name in PART_NAMES.items():
+        timing[f"{name}_s"] = parts[part]
+        timing[f"{name}_frac"] = parts[part] / elapsed
+    tflops, share = utilisation(facts["flops_per_image"],
+                                images_per_s / setup.placement.replicas, facts["peak_tflops"])
     return {
         "kind": "train", "step": step, "epoch": epoch, "rank": setup.env.rank,
         "replica": setup.replica, "stage": setup.stage_index, "modules": setup.stage.indices,
         "lr": lr, "losses": {str(k): float(v) for k, v in setup.stage.losses.items()},
-        "images_per_s": images_per_s, "compute_frac": compute / elapsed,
-        "recv_wait_s": recv, "send_wait_s": send,
-        "recv_wait_frac": recv / elapsed, "send_wait_frac": send / elapsed,
+        "images_per_s": images_per_s, **timing,
+        "flops_per_image": facts["flops_per_image"], "tflops": tflops,
+        "peak_tflops": facts["peak_tflops"], "peak_share": share,
         "activation_bytes": setup.tracker.peak, **memory(setup),
     }
 
 
-def summary_part(setup, train_time: float) -> dict:
-    """This rank's part of summary.json."""
+def summary_part(setup, train_time: float, facts: dict, images: int) -> dict:
+    """This rank's part of summary.json; `images`: the batches' images this launch trained in
+    `train_time` seconds (a replica trained 1/D of them)."""
     stage = setup.stage
     K = len(setup.all_modules)
     backbone_sum = 0.0
@@ -49,6 +86,10 @@ def summary_part(setup, train_time: float) -> dict:
                 backbone_sum += p.detach().double().sum().item()
     return {"losses": {k: float(v) for k, v in stage.losses.items()},
             "param_sum": backbone_sum, "train_time": train_time, "skipped": stage.skipped,
+            "flops_per_image": facts["flops_per_image"], "peak_tflops": facts["peak_tflops"],
+            "tflops": utilisation(facts["flops_per_image"],
+                                  images / setup.placement.replicas / train_time if train_time
+                                  else 0.0, facts["peak_tflops"])[0],
             "activation_bytes": setup.tracker.peak, **memory(setup)}
 
 
@@ -75,6 +116,12 @@ def summary(setup, parts: list[dict], result: dict, images: int, wall: float, st
         "images_per_s": images / slowest if slowest > 0 else 0.0, "wall_s": wall,
         "peak_memory_bytes": [p["peak_memory_bytes"] for p in parts],
         "activation_bytes": [p["activation_bytes"] for p in parts],
+        # FLOP utilisation per rank over the run's training time (pipemlaan/flops.py)
+        "flops_per_image": [p["flops_per_image"] for p in parts],
+        "tflops": [p["tflops"] for p in parts],
+        "peak_tflops": [p["peak_tflops"] for p in parts],
+        "peak_share": [p["tflops"] / p["peak_tflops"] if p["peak_tflops"] else None
+                       for p in parts],
         "final_train_loss_per_module": [losses.get(k) for k in range(K)],
         # train.nonfinite=skip: updates dropped per module because a loss or gradient was
         # not finite
@@ -84,3 +131,33 @@ def summary(setup, parts: list[dict], result: dict, images: int, wall: float, st
         "param_checksum_per_rank": [p["param_sum"] for p in parts],
         "device": str(setup.env.device),
     }
+
+
+def banner_lines(setup, ranks: list[dict], compiled: str, graphed: str) -> list[str]:
+    """What rank 0 prints at start-up, in both views: the run folder, the world, the partition
+    with each stage's parameters, FLOPs per image and device peak (`ranks`: every rank's
+    `rank_facts`), the steps, the precision, and what is compiled or graphed; plus one warning
+    line when a GPU's peak is unknown."""
+    cfg, env, pl = setup.cfg, setup.env, setup.placement
+    cuda = env.device.type == "cuda"
+    lines = [f"pipemlaan: run {cfg.run_dir} | world {env.world} = {pl.replicas} replica(s) x "
+             f"{pl.stages} stage(s) | {env.backend or 'one process'} on {env.device.type}"]
+    for st in range(pl.stages):
+        mine = [r for r in ranks if r["stage"] == st]
+        f = mine[0]
+        peak = "?" if f["peak_tflops"] is None else f"{f['peak_tflops']:.3g}"
+        lines.append(f"  stage {st} (rank {', '.join(str(r['rank']) for r in mine)}): modules "
+                     f"{f['modules'][0]}-{f['modules'][1]}, {f['params']:,} parameters, "
+                     f"{f['flops_per_image'] / 1e6:,.1f} MFLOP per image trained; peak {peak} "
+                     f"TFLOP/s ({f['peak_source']})")
+    lines.append(f"  steps {setup.total_steps} ({setup.steps_per_epoch} per epoch"
+                 + (f", from step {setup.schedule.start}" if setup.schedule.start else "")
+                 + f") | precision {ranks[0]['precision']}, "
+                 f"{'channels-last' if cuda and cfg.train.channels_last else 'NCHW'} | "
+                 f"compiled: {compiled} | CUDA graph: {graphed}")
+    unknown = [r for r in ranks if r["peak_tflops"] is None]
+    if unknown:
+        lines.append(f"pipemlaan: warning: no peak FLOP/s known for {unknown[0]['device_name']} "
+                     f"(rank {', '.join(str(r['rank']) for r in unknown)}): the share of peak "
+                     f"shows '?'; set --train.peak_tflops to one device's dense TFLOP/s")
+    return lines

@@ -15,6 +15,8 @@ batch. Without it each replica normalises with its own slice's statistics, as DD
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
@@ -23,10 +25,13 @@ from pipemlaan.engine.flat import flatten, unflatten
 
 class GradSync:
     """Averages a step's gradients over the replicas of one stage, in one flat all-reduce on
-    the stage's process group (named "stage:s" in engine/schedule.py)."""
+    the stage's process group (named "stage:s" in engine/schedule.py). Its all-reduces (the
+    batch norm's too) count as the "allreduce" part of the rank's step time (`clock`,
+    engine/p2p.py StepClock)."""
 
-    def __init__(self, comm, group: str, replicas: int):
+    def __init__(self, comm, group: str, replicas: int, clock=None):
         self.comm, self.group, self.replicas = comm, group, replicas
+        self.clock = clock
 
     def average(self, params: list[torch.Tensor], ok: torch.Tensor) -> torch.Tensor:
         """Replaces each parameter's gradient by the replicas' mean (a missing gradient counts
@@ -49,7 +54,8 @@ class GradSync:
         return all_ok
 
     def all_reduce(self, flat: torch.Tensor, what: str) -> None:
-        self.comm.all_reduce(flat, self.group, f"{what} with this stage's replicas")
+        with self.clock.measure("allreduce") if self.clock else nullcontext():
+            self.comm.all_reduce(flat, self.group, f"{what} with this stage's replicas")
 
 
 class _SyncBatchNormFn(torch.autograd.Function):

@@ -128,9 +128,9 @@ def build(cfg: Config, env: DistEnv) -> Setup:
                       total_steps=total)
     if env.distributed:
         env.comm.create_groups(process_groups(pspec))
-    grad_sync = None
+    grad_sync, clock = None, StepClock(env.device)
     if D > 1:
-        grad_sync = GradSync(env.comm, stage_group(my_stage), D)
+        grad_sync = GradSync(env.comm, stage_group(my_stage), D, clock)
         if cfg.pipeline.sync_bn:
             for m in owned:
                 sync_batch_norm(m, grad_sync)
@@ -153,7 +153,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
         print0(env, f"resumed from {d} at step {start} (epoch {resumed['epoch']})")
     schedule = RankSchedule(pspec, env.rank, start, cfg.train.nonfinite == "stop")
 
-    transport, clock = None, StepClock(env.device)
+    transport = None
     if pipelined:
         bf16 = env.device.type == "cuda" and cfg.train.bf16
         local_batch = cfg.train.batch_size // D

@@ -26,16 +26,19 @@ from pipemlaan.engine.compiled import compile_skip_reason
 from pipemlaan.engine.graphs import GraphedStep, graph_skip_reason
 from pipemlaan.engine.lr_schedule import lr_at
 from pipemlaan.engine.preempt import StopRequest
-from pipemlaan.engine.records import summary, summary_part, train_record
+from pipemlaan.engine.records import (banner_lines, rank_facts, summary, summary_part,
+                                      train_record)
 from pipemlaan.engine.schedule import (STOP, Collective, Compute, Post, RankSchedule,
                                        StartCollective, Wait, WaitCollective, run_events)
 from pipemlaan.engine.setup import build
 from pipemlaan.engine.spans import ActionSpans, measure_clock
 from pipemlaan.engine.stage import NonFiniteLoss
+from pipemlaan import provenance
 from pipemlaan.checkpoint import write_meta
+from pipemlaan.flops import best_measured_peaks
 from pipemlaan.metrics import MetricsWriter, StepTracer
 from pipemlaan.trackers import open_trackers, scalars
-from pipemlaan.ui import LiveView, NullView, console, results_table
+from pipemlaan.ui import NullView, banner, console, progress_view, results_table
 
 
 class Trainer:
@@ -46,9 +49,15 @@ class Trainer:
         self.stage = self.s.stage
         self.sched: RankSchedule = self.s.schedule
         self.step = self.sched.start
+        # still start-up, before any action: every rank's facts for the banner, the records
+        # and this start's provenance (pipemlaan/provenance.py)
+        self.ranks = best_measured_peaks(gather_all(env, rank_facts(self.s)))
+        self.facts = self.ranks[env.rank]
         if env.rank == 0:
             cfg.run_dir.mkdir(parents=True, exist_ok=True)
-            (cfg.run_dir / "config.toml").write_text(to_toml(cfg))
+            provenance.write_start(cfg.run_dir, to_toml(cfg), provenance.collect(
+                self.ranks, world=env.world, replicas=self.s.placement.replicas,
+                stages=self.s.placement.stages, backend=env.backend))
         barrier(env)
         self.metrics = MetricsWriter(cfg.run_dir / "metrics.jsonl")
         self.tracker = open_trackers(cfg.run_dir, env.rank, tensorboard=cfg.run.tensorboard,
@@ -91,7 +100,9 @@ class Trainer:
     def train(self) -> dict | None:
         cfg, s = self.cfg, self.s
         t_start = time.perf_counter()
-        view = (LiveView(cfg.run_dir / "metrics.jsonl", self.env.world, cfg.run_name)
+        if self.env.rank == 0:
+            banner(self._banner())
+        view = (progress_view(cfg.run_dir / "metrics.jsonl", self.env.world, cfg.run_name)
                 if self.env.rank == 0 and cfg.run.progress else NullView())
         train_time, images, result, out = 0.0, 0, None, None
         view.start(s.total_steps, self.step)
@@ -159,7 +170,8 @@ class Trainer:
                 self._check_finite()
                 elapsed = time.perf_counter() - window_t0
                 record = train_record(s, s.clock, self.step, (t - 1) // s.steps_per_epoch,
-                                      self._lr, window_images / elapsed, elapsed)
+                                      self._lr, window_images / elapsed, elapsed,
+                                      self.facts)
                 self._record(record)
                 view.update(self.step, record if self.env.rank == 0 else {})
                 window_t0, window_images = time.perf_counter(), 0
@@ -207,7 +219,7 @@ class Trainer:
                 self._gathered["checksums"] = merged
         elif name == "gather summary":
             result, train_time, images, t_start = self._summary_args
-            parts = gather_all(self.env, summary_part(self.s, train_time))
+            parts = gather_all(self.env, summary_part(self.s, train_time, self.facts, images))
             if self.env.rank == 0:
                 self._gathered["summary"] = summary(self.s, parts, result, images,
                                                     time.perf_counter() - t_start, self.step,
@@ -224,7 +236,8 @@ class Trainer:
         return (*got, None)[:3]
 
     def _do_load(self, act: Compute) -> None:
-        x, y = next(self._batches)
+        with self.s.clock.measure("data"):
+            x, y = next(self._batches)
         self._inputs[act.index] = (x, y, x if self.cfg.method.name == "infopro" else None)
 
     def _do_step(self, act: Compute) -> None:
@@ -253,12 +266,14 @@ class Trainer:
 
     def _do_lam_ema(self, act: Compute) -> None:
         received = {m.src: self.s.transport.take(m)[0] for m in act.consumes}
-        self.s.lam.ema(act.index, received)
+        with self.s.clock.measure("lam"):
+            self.s.lam.ema(act.index, received)
 
     def _do_lam_pack(self, act: Compute) -> None:
-        self.s.lam.record(act.index)    # after the step's own work: what is published is kept
-        for msg in act.produces:
-            self.s.transport.put(msg, [self.s.lam.pack(msg.dst, act.index)])
+        with self.s.clock.measure("lam"):
+            self.s.lam.record(act.index)    # after the step's own work: what is published is kept
+            for msg in act.produces:
+                self.s.transport.put(msg, [self.s.lam.pack(msg.dst, act.index)])
 
     # ---- the stop agreement (engine/schedule.py [Note: stop agreement]) ---------------------
     def _start_round(self, act: StartCollective) -> None:
@@ -337,7 +352,8 @@ class Trainer:
                 "test_top5_error": 100.0 * (1 - merged[K - 1][1] / n)}
 
     def _do_load_eval(self, act: Compute) -> None:
-        x, y = next(self._batches)
+        with self.s.clock.measure("data"):
+            x, y = next(self._batches)
         self._inputs[("eval", act.index)] = (x, y, x if self.cfg.method.name == "infopro"
                                              else None)
 
@@ -380,6 +396,13 @@ class Trainer:
                                 f"or gradient at step {bad[1]} (its update was skipped); "
                                 f"lower train.lr, or set train.nonfinite=skip to drop such "
                                 f"batches")
+
+    def _banner(self) -> list[str]:
+        c, g = self._compile_report(), self._graph_report()
+        compiled = (f"{c['compiled_modules']} module(s)" if c.get("compiled_modules")
+                    else f"off ({c.get('off') or 'no module'})")
+        return banner_lines(self.s, self.ranks, compiled,
+                            "on" if self.graphed is not None else f"off ({g['off']})")
 
     def _graph_report(self) -> dict:
         """How this rank's training steps ran (engine/graphs.py)."""
