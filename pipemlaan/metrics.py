@@ -3,8 +3,11 @@ What a run's records hold (a training window's line, summary.json) is engine/rec
 
 Memory on CPU is device-independent and comparable across methods: the peak bytes of tensors
 that autograd saved for backward (counted through saved-tensor hooks, each storage once, while
-it is alive) plus the bytes of parameters, gradients and optimizer state. On CUDA the
-allocator's peak (torch.cuda.max_memory_allocated) and NVML's used memory are reported too.
+it is alive) plus the bytes of parameters, gradients and optimizer state. On CUDA the same
+breakdown comes from a few traced steps at the start, and the figure is the allocator's peak
+(torch.cuda.max_memory_allocated, reset when start-up ends, which is reported apart) with
+NVML's used memory of the physical GPU the rank runs on (found by UUID: CUDA_VISIBLE_DEVICES,
+as SLURM sets it, renumbers the GPUs).
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ import torch
 
 
 class SavedTensorTracker:
-    """Peak bytes of live tensors saved for backward, each storage counted once. Disabled (peak
-    0, no hooks) on CUDA, where the allocator's peak is the figure and a Python hook on every
-    saved tensor would cost the GPU time."""
+    """Peak bytes of live tensors saved for backward, each storage counted once. `steps`: track
+    only the first `steps` training steps (on CUDA, where a Python hook on every saved tensor
+    would cost the GPU time on every step: a few traced steps, before any CUDA graph capture,
+    give the breakdown and then the hooks are off); None: every step (CPU)."""
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, steps: int | None = None) -> None:
         self.enabled = enabled
+        self.steps = steps
         self.live = 0
         self.peak = 0
         self._refs: dict[int, int] = {}   # storage pointer -> number of live saved tensors
@@ -54,11 +59,20 @@ class SavedTensorTracker:
         else:
             self._refs[key] = n
 
+    @property
+    def always(self) -> bool:
+        """Hooks on every step (not only a few traced ones)."""
+        return self.enabled and self.steps is None
+
     @contextmanager
     def track(self):
         if not self.enabled:
             yield
             return
+        if self.steps is not None:
+            self.steps -= 1
+            if self.steps <= 0:
+                self.enabled = False      # this step is the last one traced
         with torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t):
             yield
 
@@ -81,18 +95,85 @@ def state_bytes(modules, optimizers) -> int:
 
 
 def cuda_memory(device: torch.device) -> dict:
+    """The allocator's peaks since the last `reset_peaks` (start-up excluded: the trainer
+    resets them before the first step), NVML's used memory of the physical GPU this rank
+    runs on, and the device's total memory."""
     if device.type != "cuda":
         return {}
     out = {"cuda_max_allocated": torch.cuda.max_memory_allocated(device),
-           "cuda_max_reserved": torch.cuda.max_memory_reserved(device)}
+           "cuda_max_reserved": torch.cuda.max_memory_reserved(device),
+           "device_total_bytes": torch.cuda.get_device_properties(device).total_memory}
+    handle = nvml_handle(device)
+    if handle is not None:
+        import pynvml
+        out["nvml_used"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+    return out
+
+
+def reset_peaks(device: torch.device) -> dict:
+    """Ends start-up for the memory figures: returns start-up's peaks (reported apart) and
+    resets the allocator's, so a rank's training peak counts its own training only."""
+    if device.type != "cuda":
+        return {}
+    torch.cuda.synchronize(device)
+    startup = {"startup_max_allocated": torch.cuda.max_memory_allocated(device)}
+    torch.cuda.reset_peak_memory_stats(device)
+    return startup
+
+
+def gpu_candidates(logical: int, visible: str | None, uuid: str | None
+                   ) -> list[tuple[str, object]]:
+    """Ways to name, to NVML, the physical GPU behind logical CUDA device `logical`, best first:
+    ("uuid", "GPU-...") or ("index", n). NVML numbers GPUs by PCI bus, whatever
+    CUDA_VISIBLE_DEVICES (which SLURM sets) and CUDA_DEVICE_ORDER say, so the logical index is
+    the right NVML index only when neither remaps: the UUID torch reports is the sure name,
+    then the CUDA_VISIBLE_DEVICES entry (an index or a UUID)."""
+    out: list[tuple[str, object]] = []
+    if uuid:
+        out.append(("uuid", uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"))
+    if visible is not None and visible.strip():
+        entries = [e.strip() for e in visible.split(",") if e.strip()]
+        if logical < len(entries):
+            e = entries[logical]
+            out.append(("index", int(e)) if e.isdigit() else ("uuid", e))
+    else:
+        out.append(("index", logical))
+    return out
+
+
+_NVML: dict = {}
+
+
+def nvml_handle(device: torch.device):
+    """NVML's handle of the physical GPU this rank uses, or None (no driver library, or no
+    name NVML knows): NVML is optional and must never stop training."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index in _NVML:
+        return _NVML[index]
+    handle = None
     try:
         import pynvml
         pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
-        out["nvml_used"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used
-    except Exception:  # NVML is optional: a missing driver library must not stop training
-        pass
-    return out
+        uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "") or "")
+        for kind, name in gpu_candidates(index, os.environ.get("CUDA_VISIBLE_DEVICES"), uuid):
+            try:
+                handle = (pynvml.nvmlDeviceGetHandleByUUID(name) if kind == "uuid"
+                          else pynvml.nvmlDeviceGetHandleByIndex(name))
+                break
+            except pynvml.NVMLError:
+                continue
+    except Exception:  # noqa: BLE001 - no NVML library or driver
+        handle = None
+    _NVML[index] = handle
+    return handle
+
+
+def host_total_bytes() -> int:
+    """Physical memory of this machine: what a CPU rank's share of the device is taken of."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 class MetricsWriter:

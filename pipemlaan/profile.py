@@ -26,7 +26,8 @@ from rich.table import Table
 
 from pipemlaan.config import Config, load_config, method_label
 from pipemlaan.data import DatasetSpec, dataset_spec
-from pipemlaan.engine.partition import balanced_partition, measure_costs, stage_bounds, window_spans
+from pipemlaan.engine.costs import predicted_seconds
+from pipemlaan.engine.partition import balanced_partition, stage_bounds, window_spans
 from pipemlaan.engine.stage import Stage
 from pipemlaan.errors import PipemlaanError
 from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
@@ -50,8 +51,8 @@ def profile_memory(cfg: Config, spec: DatasetSpec, ranks: int, batch: int,
         if ranks == 1:
             partition = [len(modules)]
         else:
-            small = min(batch, 8)
-            costs = measure_costs(modules, x0[:small], y0[:small], repeats=1)
+            # the partition a run of this config picks (engine/setup.py: counted costs)
+            costs = predicted_seconds(modules, shape, batch, "cpu")
             partition = balanced_partition(costs, ranks, window_spans(plan))
     stages = []
     for s in range(len(partition)):

@@ -268,3 +268,38 @@ def test_compiled_pipeline_ranks_on_one_gpu_agree_with_the_single_process(tmp):
     for line in got["stdout"].splitlines():
         assert "torch.compile failed" not in line and "runs eagerly" not in line, line
     assert_close_runs(ref, got, bf16=False)
+
+
+def test_each_rank_reports_its_own_training_memory_on_the_gpu(tmp):
+    """Start-up never puts another rank's modules on a rank's device (the partition is counted,
+    not timed on rank 0) and peaks are reset when start-up ends: rank 0, owning the stem module
+    alone, peaks below the parameters of the modules it does not own, its saved-for-backward
+    bytes come from traced steps (non-zero on CUDA too), and NVML reads the GPU it runs on."""
+    from pipemlaan.data import dataset_spec
+    from pipemlaan.config import load_config
+    from pipemlaan.local.module import build_local_modules
+    flags = ["--model.name=resnet56", "--model.K=4", "--pipeline.mode=lockstep",
+             "--pipeline.partition=[1,3]", "--train.max_steps=6", "--train.epochs=1"]
+    res = train(tmp, "own-memory", 2, flags)
+    s = res["summary"]
+    cfg = load_config(None, [*BASE, *flags])
+    _, modules = build_local_modules(cfg, dataset_spec(cfg.data))
+    others = sum(p.numel() * p.element_size() for m in modules[1:] for p in m.parameters())
+    assert s["peak_memory_bytes"][0] < others, (s["peak_memory_bytes"], others)
+    assert s["peak_memory_bytes"][0] < s["peak_memory_bytes"][1]
+    assert all(a > 0 for a in s["activation_bytes"]), s["activation_bytes"]
+    assert all(0 < share < 1 for share in s["memory_share"]), s["memory_share"]
+    assert all("startup_max_allocated" in m for m in s["startup_memory"])
+    # the CUDA graph is not held back by the few traced steps of a single process
+    one = train(tmp, "graphed-traced", 1, ["--train.max_steps=8", "--train.epochs=1"])
+    assert one["summary"]["activation_bytes"][0] > 0
+    assert one["summary"]["cuda_graph"]["replayed_steps"] > 0, one["summary"]["cuda_graph"]
+
+
+def test_nvml_reads_the_physical_gpu_torch_runs_on():
+    import pynvml
+    from pipemlaan.metrics import nvml_handle
+    handle = nvml_handle(torch.device("cuda", 0))
+    assert handle is not None
+    want = str(torch.cuda.get_device_properties(0).uuid)
+    assert want in pynvml.nvmlDeviceGetUUID(handle)

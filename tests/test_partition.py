@@ -1,6 +1,8 @@
-"""Tests of pipemlaan.engine.partition: the balanced partition is optimal and never puts a
-rank strictly inside a cascade window; impossible requests and bad explicit partitions raise
-ConfigError naming the fix; describe() reports every rank.
+"""Tests of pipemlaan.engine.partition and engine/costs.py: the balanced partition is optimal
+and never puts a rank strictly inside a cascade window; impossible requests and bad explicit
+partitions raise ConfigError naming the fix; describe() reports every rank; the counted costs
+it balances depend on the run (batch, work) and nothing else, so a run on busy cores splits
+the model as on an idle machine.
 
 Run: cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_partition.py -q
 """
@@ -8,12 +10,17 @@ Run: cd /work/main && OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_pa
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import random
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from pipemlaan.config import load_config
+from pipemlaan.engine.costs import count_module_costs, predicted_seconds
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
                                         window_spans)
 from pipemlaan.errors import ConfigError
@@ -180,3 +187,81 @@ def test_too_many_stages_names_the_nearest_choices():
     cfg = load_config(None, ["--data.name=synthetic", "--model.name=resnet14", "--model.K=4",
                              "--method.window=3"])
     _check_stages_fit(cfg, 3, 4, window_spans(window_plan(cfg, 4)))      # fits: no error
+
+
+# ---- counted costs: the partition a command decides ([Note: counted costs]) -----------------
+def _modules(*flags: str):
+    from pipemlaan.data import dataset_spec
+    from pipemlaan.local.module import build_local_modules
+    cfg = load_config(None, ["--data.name=synthetic", *flags])
+    torch.manual_seed(0)
+    _, modules = build_local_modules(cfg, dataset_spec(cfg.data))
+    return cfg, modules
+
+
+def test_counted_costs_are_the_same_whatever_the_threads_and_leave_the_modules_alone():
+    cfg, modules = _modules("--model.name=resnet20", "--model.K=4")
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
+    threads = torch.get_num_threads()
+    try:
+        first = count_module_costs(modules, (3, 32, 32))
+        torch.set_num_threads(1)
+        again = count_module_costs(modules, (3, 32, 32))
+    finally:
+        torch.set_num_threads(threads)
+    assert first == again
+    assert all(m.training for m in modules)
+    for m, saved in zip(modules, before):
+        for k, v in m.state_dict().items():      # BN running statistics included
+            assert torch.equal(v, saved[k]), k
+        assert all(p.grad is None for p in m.parameters())
+    # resnet20 K=4 under DGL+MLAAN: the leap heads make the middle modules the dearest
+    secs = predicted_seconds(modules, (3, 32, 32), 128, "cpu")
+    assert max(secs) in secs[1:3] and all(s > 0 for s in secs)
+
+
+def test_counted_costs_follow_the_run_batch_and_the_work():
+    _, modules = _modules("--model.name=resnet20", "--model.K=4")
+    small = predicted_seconds(modules, (3, 32, 32), 32, "cpu")
+    big = predicted_seconds(modules, (3, 32, 32), 256, "cpu")
+    assert all(b > s for b, s in zip(big, small))
+    counts = count_module_costs(modules, (3, 32, 32))
+    # a 3x3 convolution of 16 -> 16 channels on a 32x32 map alone is 2.36M multiply-adds
+    assert all(c.macs > 2_000_000 and c.elements > 16 * 32 * 32 and c.ops > 3 for c in counts)
+    _, dgl = _modules("--model.name=resnet20", "--model.K=4", "--method.mlm=false",
+                      "--method.lam=false")
+    plain = count_module_costs(dgl, (3, 32, 32))
+    # the same bodies without leap heads: less work where MLAAN adds one (modules 1 and 2; the
+    # reference plan leaves module 0 without a head, the last one is the classifier's)
+    assert all(p.macs < c.macs for p, c in zip(plain[1:-1], counts[1:-1]))
+    assert plain[-1] == counts[-1]
+
+
+@pytest.mark.slow
+def test_the_same_command_picks_the_same_partition_with_the_cores_busy(tmp_path):
+    """Two processes spin on both cores while a 2-rank run starts: its partition is the one
+    the counted costs give on an idle machine (a timed partition moved with the load)."""
+    from launching import launch_env, run_to_end, train_cmd, unique_name
+    from pipemlaan.engine.partition import window_spans as spans_for
+    flags = ["--data.name=synthetic", "--model.name=resnet20", "--model.K=8",
+             "--method.first_modules_head=true", "--train.batch_size=64"]
+    cfg, modules = _modules(*flags)
+    expected = balanced_partition(predicted_seconds(modules, (3, 32, 32), 64, "cpu"), 2,
+                                  spans_for(window_plan(cfg, 8)))
+    name = unique_name("busy")
+    # at the lowest priority: the cores are never idle, yet the suite's other tests go on
+    burners = [subprocess.Popen([sys.executable, "-c", "import os\nos.nice(19)\nwhile 1: pass"])
+               for _ in range(2)]
+    try:
+        proc = run_to_end(train_cmd(2, [*flags, "--train.max_steps=1", "--data.test_subset=64",
+                                        "--run.progress=false", f"--run.dir={tmp_path}",
+                                        f"--run.name={name}"]),
+                          tmp_path / "logs", name, env=launch_env())
+    finally:
+        for b in burners:
+            b.kill()
+    assert proc.poll() == 0, proc.stderr_text[-2000:]
+    summary = json.loads((tmp_path / name / "summary.json").read_text())
+    assert summary["partition"] == expected
+    assert len(summary["predicted_stage_s"]) == 2 and all(s > 0 for s in
+                                                          summary["predicted_stage_s"])

@@ -162,3 +162,45 @@ def test_gpu_busy_counts_overlapping_kernels_once_over_the_traced_wall_time():
         {"ph": "M", "name": "process_name"}]}
     res = busy_fraction(trace)
     assert res["kernels"] == 3 and res["busy_us"] == 60 and res["busy_fraction"] == 0.6
+
+
+# ---- memory a user can trust on GPUs: the parts testable without one ------------------------
+@pytest.mark.parametrize("visible,logical,uuid,first", [
+    (None, 1, None, ("index", 1)),                        # nothing remaps: NVML's index
+    ("2,3", 1, None, ("index", 3)),                       # SLURM's CUDA_VISIBLE_DEVICES=2,3
+    ("GPU-aaa,GPU-bbb", 1, None, ("uuid", "GPU-bbb")),    # devices named by UUID
+    ("MIG-ccc", 0, None, ("uuid", "MIG-ccc")),
+    ("2,3", 0, "1234-abcd", ("uuid", "GPU-1234-abcd")),   # torch's UUID beats any index
+    ("3", 0, "GPU-77", ("uuid", "GPU-77")),
+])
+def test_nvml_is_asked_for_the_physical_gpu_behind_a_logical_device(visible, logical, uuid,
+                                                                     first):
+    from pipemlaan.metrics import gpu_candidates
+    got = gpu_candidates(logical, visible, uuid)
+    assert got[0] == first
+    if visible and uuid:      # the CUDA_VISIBLE_DEVICES entry stays as the fallback
+        entry = visible.split(",")[logical]
+        assert got[1] == (("index", int(entry)) if entry.isdigit() else ("uuid", entry))
+
+
+def test_a_tracker_limited_to_steps_traces_those_steps_only():
+    from pipemlaan.metrics import SavedTensorTracker
+    w = torch.randn(64, 64, requires_grad=True)
+    tracker = SavedTensorTracker(steps=2)
+    assert not tracker.always and tracker.enabled
+    kept = []
+    for _ in range(2):
+        with tracker.track():
+            kept.append((torch.randn(32, 64) @ w).tanh())
+    traced = tracker.peak
+    assert traced >= 2 * 32 * 64 * 4 and not tracker.enabled
+    with tracker.track():      # past the traced steps: no hook, nothing counted
+        kept.append((torch.randn(512, 64) @ w).tanh())
+    assert tracker.peak == traced
+    assert SavedTensorTracker().always
+
+
+def test_startup_peak_reset_is_a_no_op_off_cuda():
+    from pipemlaan.metrics import host_total_bytes, reset_peaks
+    assert reset_peaks(torch.device("cpu")) == {}
+    assert host_total_bytes() > 2**30

@@ -38,8 +38,8 @@ def graph_skip_reason(cfg, setup) -> str | None:
         return "replicas run eagerly"
     if cfg.pipeline.emulate_async:
         return "pipeline.emulate_async runs eagerly"
-    if setup.tracker is not None and setup.tracker.enabled:
-        return "the saved-tensor tracker is on"
+    if setup.tracker is not None and setup.tracker.always:
+        return "the saved-tensor tracker is on for every step"
     return None
 
 

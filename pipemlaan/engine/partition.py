@@ -6,9 +6,10 @@ no rank may sit strictly inside a window, i.e. own modules lo..hi-1 of a window 
 before lo and ends at or after hi (the rank would have to pass that window's gradient on
 within the step it produced it). With windows of W modules this asks W-1 modules of every
 rank but the first; the reference plan's wider first window asks more of the second rank
-only. Costs come from timing each module's full training work (body forward, heads forward
-and backward, body backward) on a small batch on rank 0, which then broadcasts them so every
-rank computes the same partition.
+only. The costs a run balances are counted, not timed (engine/costs.py [Note: counted
+costs]): every rank computes the same ones, so the same command always splits the model the
+same way. `measure_costs` times modules for the benchmarks that check those counts
+(benchmarks/partition_fit.py) and for the BP baselines.
 """
 
 from __future__ import annotations

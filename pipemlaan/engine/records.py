@@ -9,18 +9,24 @@ from pipemlaan.config import method_label
 from pipemlaan.data import dataset_spec
 from pipemlaan.engine.p2p import PARTS
 from pipemlaan.flops import device_peak, precision_of, training_flops_per_image, utilisation
-from pipemlaan.metrics import cuda_memory, state_bytes
+from pipemlaan.metrics import cuda_memory, host_total_bytes, state_bytes
 from pipemlaan.provenance import this_rank
 
 
 def memory(setup) -> dict:
-    """This rank's peak memory: the CPU figure (saved tensors + state), or CUDA's allocator."""
+    """This rank's peak memory since start-up ended: the CPU figure (saved tensors + state), or
+    CUDA's allocator; its parts (saved for backward, state, P2P buffers) on either device, and
+    the share of the device's memory (the host's on CPU)."""
     stage = setup.stage
     static = state_bytes(list(stage.modules.values()), stage.optimizers.values())
-    out = {"peak_memory_bytes": setup.tracker.peak + static}
+    p2p = setup.transport.buffer_bytes() if setup.transport is not None else 0
+    out = {"peak_memory_bytes": setup.tracker.peak + static, "state_bytes": static,
+           "p2p_buffer_bytes": p2p}
     out.update(cuda_memory(setup.env.device))
     if "cuda_max_allocated" in out:
         out["peak_memory_bytes"] = out["cuda_max_allocated"]
+    total = out.pop("device_total_bytes", None) or host_total_bytes()
+    out["memory_share"] = out["peak_memory_bytes"] / total if total else None
     return out
 
 
@@ -90,6 +96,8 @@ def summary_part(setup, train_time: float, facts: dict, images: int) -> dict:
             "tflops": utilisation(facts["flops_per_image"],
                                   images / setup.placement.replicas / train_time if train_time
                                   else 0.0, facts["peak_tflops"])[0],
+            "predicted_stage_s": setup.predicted_stage_s,
+            "startup_memory": setup.startup_memory,
             "activation_bytes": setup.tracker.peak, **memory(setup)}
 
 
@@ -116,6 +124,11 @@ def summary(setup, parts: list[dict], result: dict, images: int, wall: float, st
         "images_per_s": images / slowest if slowest > 0 else 0.0, "wall_s": wall,
         "peak_memory_bytes": [p["peak_memory_bytes"] for p in parts],
         "activation_bytes": [p["activation_bytes"] for p in parts],
+        # what the partition balanced (engine/costs.py) beside what each rank computed
+        "predicted_stage_s": [p["predicted_stage_s"] for p in parts],
+        "memory_share": [p["memory_share"] for p in parts],
+        **({"startup_memory": [p["startup_memory"] for p in parts]}
+           if any(p["startup_memory"] for p in parts) else {}),
         # FLOP utilisation per rank over the run's training time (pipemlaan/flops.py)
         "flops_per_image": [p["flops_per_image"] for p in parts],
         "tflops": [p["tflops"] for p in parts],

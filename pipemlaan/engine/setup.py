@@ -21,8 +21,9 @@ from pipemlaan.data import dataset_spec, load_datasets, validate_data
 from pipemlaan.engine.distributed import DistEnv, agree, broadcast
 from pipemlaan.engine.lam import LamSync
 from pipemlaan.engine.p2p import Transport, StepClock
+from pipemlaan.engine.costs import predicted_seconds
 from pipemlaan.engine.partition import (balanced_partition, check_partition, describe,
-                                        feasible, measure_costs, window_spans)
+                                        feasible, window_spans)
 from pipemlaan.engine.placement import Placement
 from pipemlaan.engine.replicas import GradSync, sync_batch_norm
 from pipemlaan.engine import checkpoints
@@ -32,7 +33,7 @@ from pipemlaan.engine.stage import Stage
 from pipemlaan.errors import ConfigError, PipemlaanError
 from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
 from pipemlaan.models import num_blocks
-from pipemlaan.metrics import SavedTensorTracker
+from pipemlaan.metrics import SavedTensorTracker, reset_peaks
 from pipemlaan.ui import console
 
 
@@ -57,6 +58,13 @@ class Setup:
     test_samples: int
     total_steps: int
     clock: StepClock
+    module_costs: list[float]     # predicted seconds per training step, per module (costs.py)
+    startup_memory: dict          # CUDA: start-up's allocator peak, reported apart (metrics.py)
+
+    @property
+    def predicted_stage_s(self) -> float:
+        """This rank's predicted seconds of compute per training step (engine/costs.py)."""
+        return sum(self.module_costs[k] for k in self.stage.indices)
 
     @property
     def is_first(self) -> bool:
@@ -94,8 +102,8 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     D = cfg.pipeline.replicas
     image_shape = (spec.in_channels, *spec.image_size)
     shapes = output_shapes(all_modules, image_shape)
-    partition = _partition(cfg, env, env.world // D, all_modules, image_shape, spec.num_classes,
-                           spans)
+    partition, module_costs = _partition(cfg, env, env.world // D, all_modules, image_shape,
+                                         spans)
     placement = Placement.of(partition, D, all_modules, cfg.method.ema_only_last)
     replica, my_stage = placement.seat(env.rank)
     mine = placement.modules_of(my_stage)
@@ -134,7 +142,10 @@ def build(cfg: Config, env: DistEnv) -> Setup:
         if cfg.pipeline.sync_bn:
             for m in owned:
                 sync_batch_norm(m, grad_sync)
-    tracker = SavedTensorTracker(enabled=env.device.type == "cpu")
+    # CPU: every step; CUDA: the first steps only (hooks cost GPU time), enough for an async
+    # rank's stash to fill, and over before a single process's CUDA graph capture (graphs.py)
+    tracker = SavedTensorTracker(steps=None if env.device.type == "cpu" else
+                                 2 if placement.stages == 1 else pspec.in_flight + 2)
     emulate = _emulated(cfg, placement.stages, spans, K)
     stage = Stage(cfg, owned, plan, env.device, stash=async_pipe, saved_tracker=tracker,
                   grad_sync=grad_sync, emulate=emulate)
@@ -169,9 +180,11 @@ def build(cfg: Config, env: DistEnv) -> Setup:
             config_hash(cfg), schedule.prev, schedule.next,
             pipe_group(env.rank, schedule.prev) if schedule.prev is not None else None,
             pipe_group(env.rank, schedule.next) if schedule.next is not None else None)
+    # start-up ends here: a rank's memory peak counts its own training from now on
+    startup_memory = reset_peaks(env.device)
     return Setup(cfg, env, placement, replica, my_stage, all_modules, stage,
                  tracker, transport, lam, pspec, schedule, resumed, train_set, test_set,
-                 steps_per_epoch, test_samples, total, clock)
+                 steps_per_epoch, test_samples, total, clock, module_costs, startup_memory)
 
 
 def config_hash(cfg: Config) -> int:
@@ -232,29 +245,22 @@ def _check_stages_fit(cfg: Config, stages: int, K: int, spans: list) -> None:
         f"method.first_modules_head=true")
 
 
-def _partition(cfg, env, stages, modules, image_shape, num_classes, spans) -> list[int]:
-    """Modules per stage (the same in every replica)."""
+def _partition(cfg, env, stages, modules, image_shape, spans) -> tuple[list[int], list[float]]:
+    """Modules per stage (the same in every replica) and each module's predicted seconds per
+    training step, counted on every rank from the modules' shapes at the run's batch
+    ([Note: counted costs] in engine/costs.py: the same command always splits the same way)."""
     K = len(modules)
+    batch = cfg.train.batch_size // cfg.pipeline.replicas
+    costs = predicted_seconds(modules, image_shape, batch, env.device.type)
     if stages == 1:
-        return [K]
+        return [K], costs
     if cfg.pipeline.partition:
         parts = list(cfg.pipeline.partition)
         print0(env, f"partition {parts} (from pipeline.partition)")
-        return parts
-    costs = None
-    if env.rank == 0:
-        g = torch.Generator().manual_seed(0)
-        n = min(cfg.train.batch_size, 32)
-        x = torch.randn(n, *image_shape, generator=g).to(env.device)
-        y = torch.randint(0, num_classes, (n,), generator=g).to(env.device)
-        mods = [m.to(env.device) for m in modules]
-        costs = measure_costs(mods, x, y)
-        for m in mods:
-            m.to("cpu")
-    costs = broadcast(env, costs)
+        return parts, costs
     parts = balanced_partition(costs, stages, spans)
     print0(env, describe(parts, costs))
-    return parts
+    return parts, costs
 
 
 def _emulated(cfg: Config, stages: int, spans: list, K: int
