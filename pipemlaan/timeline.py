@@ -183,7 +183,8 @@ def chrome_trace(run_dir: Path, ranks: list[dict], chosen: dict[int, list[dict]]
 
 def picture(chosen: dict[int, list[dict]], path: Path, a: int, b: int, title: str) -> None:
     """A bar per rank (rank 0 on top), each action coloured by kind, milliseconds from the
-    first action shown."""
+    first action shown; a step's compute carries its batch's index (a window backward the
+    index and "b")."""
     import matplotlib                 # only the picture needs it: the trace does not
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -191,15 +192,22 @@ def picture(chosen: dict[int, list[dict]], path: Path, a: int, b: int, title: st
 
     spans = [s for v in chosen.values() for s in v]
     origin = min(s["a0"] for s in spans)
+    width = (max(s["a1"] for s in spans) - origin) / 1e6
     rows = sorted(chosen)
-    fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.3), dpi=100)
     used = set()
     for i, rk in enumerate(rows):
         y = len(rows) - 1 - i
         by_kind: dict[str, list] = {}
         for s in chosen[rk]:
-            by_kind.setdefault(s["kind"], []).append(((s["a0"] - origin) / 1e6,
-                                                      max((s["a1"] - s["a0"]) / 1e6, 1e-3)))
+            x, w = (s["a0"] - origin) / 1e6, max((s["a1"] - s["a0"]) / 1e6, 1e-3)
+            by_kind.setdefault(s["kind"], []).append((x, w))
+            if s["name"].startswith(("step[", "backward[")) and w > width / 60:
+                # which batch each compute is: the pipeline's stagger reads off these
+                label = s["name"].split("[")[1].rstrip("]") + ("b" if s["name"][0] == "b"
+                                                               else "")
+                ax.text(x + w / 2, y, label, ha="center", va="center", fontsize=7,
+                        color="white")
         for kind, bars in by_kind.items():
             used.add(kind)
             ax.broken_barh(bars, (y - 0.38, 0.76), facecolors=COLOURS.get(kind, "#000000"),
@@ -211,8 +219,8 @@ def picture(chosen: dict[int, list[dict]], path: Path, a: int, b: int, title: st
     ax.set_xlim(left=0)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(handles=[Patch(color=COLOURS[k], label=k) for k in KINDS if k in used],
-              loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(rows) < 4 else -0.22),
-              ncol=6, fontsize=8, frameon=False)
+              loc="upper center", bbox_to_anchor=(0.5, -0.2 - 0.3 / len(rows)),
+              ncol=len(used), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
