@@ -69,12 +69,23 @@ class TensorBoardTracker(Tracker):
                                     purge_step=start_step + 1 if start_step > 0 else None)
 
     def log(self, metrics, step):
-        for tag, v in metrics.items():
-            self.writer.add_scalar(tag, v, step)
-        self.writer.flush()
+        if self.writer is None:
+            return
+        try:
+            for tag, v in metrics.items():
+                self.writer.add_scalar(tag, v, step)
+            self.writer.flush()
+        except OSError as e:      # a full disk must not end one rank mid-step, and the run
+            print(f"run.tensorboard: cannot write event files ({e.strerror}); TensorBoard "
+                  f"logging stops here", flush=True)
+            self.writer = None
 
     def close(self):
-        self.writer.close()
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except OSError:
+                pass
 
 
 class WandbTracker(Tracker):

@@ -430,12 +430,14 @@ class Trainer:
         self.tracker.log(scalars(record), record["step"])
 
     def _write_spans(self) -> None:
-        self.spans.write(self.cfg.run_dir / "timeline", self.env.rank, self.env.world)
+        try:
+            self.spans.write(self.cfg.run_dir / "timeline", self.env.rank, self.env.world)
+        except OSError:
+            # a full disk: the checkpoint's own error (agreed by every rank) or the run's
+            # outcome matters more than the timeline, and raising here would skip a collective
+            pass
 
     def close(self) -> None:
         self.metrics.close()
         self.tracker.close()
-        try:
-            self._write_spans()
-        except OSError:
-            pass        # a full disk: the run's own outcome matters more than its timeline
+        self._write_spans()
