@@ -175,6 +175,10 @@ class PipelineConfig:
                                "run their forward on weights predicted along the momentum "
                                "(w - (in_flight-1) x lr x momentum buffer, SpecTrain), so "
                                "the late gradient is taken near the weights it updates")
+    local_first: bool = _f(False, "async: a module whose window gradient comes from a later "
+                           "rank applies its own losses' gradient at once (one more backward "
+                           "of its body per step) and the late window gradient with the next "
+                           "batch's update (docs/method.md#async-staleness)")
     lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")
     timeout_s: float = _f(120.0, "seconds any wait on a peer may take before the run stops "
                           "with an error naming that peer")

@@ -130,6 +130,13 @@ for _n, _mb in EMULATED_CASES:
                                                _partition(_n).replace("partition",
                                                                       "emulate_async")])
 TRAIN_RUNS["ref-async-single"] = (1, [*ASYNC, *MLAAN])
+# pipeline.local_first (engine/stage.py [Note: local first]), in the pipeline and emulated
+LOCAL_FIRST_CASES = [(4, 2), (2, 3)]
+for _n, _mb in LOCAL_FIRST_CASES:
+    _lf = [*ASYNC, *MLAAN, f"--pipeline.in_flight={_mb}", "--pipeline.local_first=true"]
+    TRAIN_RUNS[f"async-{_n}-mb{_mb}-local"] = (_n, [*_lf, _partition(_n)])
+    TRAIN_RUNS[f"emulate-{_n}-mb{_mb}-local"] = (1, [*_lf, _partition(_n).replace(
+        "partition", "emulate_async")])
 # pipeline.emulate_delay: one delay at a time, on MLAAN and on the methods that have only the
 # other one (dgl+mlm: windows, no LAM; dgl+lam: LAM, no window crossing a rank)
 _EMU4 = ["--pipeline.in_flight=2", _partition(4).replace("partition", "emulate_async")]

@@ -46,7 +46,7 @@ from pipemlaan.data import dataset_spec
 from pipemlaan.local.module import build_local_modules
 
 from runs import (ASYNC_CASES, ASYNC_LAM, ASYNC_STEPS, CHANCE_ERROR, DP_LAYOUTS, DP_METHODS,
-                  EMULATED_CASES, K, LOCK_EPOCHS, LOCK_RANKS, LOCK_STEPS, LOCK_STEPS_PER_EPOCH,
+                  EMULATED_CASES, K, LOCAL_FIRST_CASES, LOCK_EPOCHS, LOCK_RANKS, LOCK_STEPS, LOCK_STEPS_PER_EPOCH,
                   METHODS, REF_PLAN, USED_BY, VIEW_RANKS, WINDOW3_K, WINDOW3_PARTITION, assert_losses_match,
                   assert_params_identical, assert_params_match, check_async_trains,
                   check_evaluation_equals_single_process, check_lockstep_equals_single_process,
@@ -178,6 +178,22 @@ def test_emulate_delay_delays_one_staleness_at_a_time(runs):
     window, lam = (runs.get(f"emulate-4-mb2-{d}-dgl+mlaan") for d in ("window", "lam"))
     for a, b in ((window, single), (window, both), (lam, single), (lam, both), (window, lam)):
         assert states_differ(a, b, K), (a.key, b.key)
+
+
+@pytest.mark.parametrize("ranks,microbatches", LOCAL_FIRST_CASES,
+                         ids=[f"{n}ranks-mb{mb}" for n, mb in LOCAL_FIRST_CASES])
+@needs(lambda ranks, microbatches: [f"async-{ranks}-mb{microbatches}-local",
+                                    f"emulate-{ranks}-mb{microbatches}-local",
+                                    f"async-{ranks}-mb{microbatches}"])
+def test_local_first_changes_the_run_the_same_way_emulated(runs, ranks, microbatches):
+    """pipeline.local_first (a late module's own losses step at once, its late windows with
+    the next batch): the pipeline trains, differs from the plain async run, and its one-process
+    emulation ends with the same weights bit for bit."""
+    got = runs.get(f"async-{ranks}-mb{microbatches}-local")
+    assert_params_identical(got, runs.get(f"emulate-{ranks}-mb{microbatches}-local"), K)
+    assert got.losses() == runs.get(f"emulate-{ranks}-mb{microbatches}-local").losses()
+    assert states_differ(got, runs.get(f"async-{ranks}-mb{microbatches}"), K)
+    check_async_trains(got, ranks)
 
 
 @needs(lambda: ["async-2-mb2-pred", "emulate-2-mb2-pred", "async-2-mb2"])

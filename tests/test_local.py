@@ -458,3 +458,36 @@ def test_short_run_lowers_every_module_loss(label):
     for i, k in enumerate(have_loss):
         first_k, last_k = first[i], last[i]
         assert last_k < 0.9 * first_k, f"{label}: module {k} loss {first_k:.3f} -> {last_k:.3f}"
+
+
+@pytest.mark.parametrize("local_first", [False, True])
+def test_local_first_steps_a_late_module_on_its_own_losses_at_once(local_first):
+    """engine/stage.py [Note: local first], one process emulating 4 ranks with 2 batches in
+    flight: after batch 0, modules 0-2 (whose next window comes from the next rank) have moved
+    by their own losses' gradient alone with pipeline.local_first, not at all without it; the
+    late windows then complete the gradient of the whole objective, taken at the weights the
+    forward used (the stashed ones)."""
+    cfg = make_cfg(**METHODS["dgl+mlaan"], extra=NO_MOMENTUM + (
+        "method.first_modules_head=true", "pipeline.in_flight=2",
+        f"pipeline.local_first={str(local_first).lower()}"))
+    spec = dataset_spec(cfg.data)
+    _, mods = build_local_modules(cfg, spec)
+    for m in mods:
+        m.double()
+    before = copy.deepcopy(mods)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, spec.in_channels, *spec.image_size, generator=g, dtype=torch.float64)
+    y = torch.randint(0, spec.num_classes, (8,), generator=g)
+    stage = Stage(cfg, mods, window_plan(cfg, len(mods)), CPU, emulate=([1, 1, 1, 1], 2))
+    stage.train_step(0, 1.0, x, y, None)
+    oracle = Oracle(copy.deepcopy(before), cfg, x, y, None)
+    for k in range(3):
+        moved = deltas(before[k].body, mods[k].body)
+        if local_first:
+            assert all_close(moved, oracle.body_grads(k, drop_windows=True)), k
+        else:
+            assert all(d.abs().max() == 0 for d in moved), k
+    assert all_close(deltas(before[3].body, mods[3].body), oracle.body_grads(3))
+    stage.flush_delayed()       # the drain: the late windows arrive
+    for k in range(4):
+        assert all_close(deltas(before[k].body, mods[k].body), oracle.body_grads(k)), k

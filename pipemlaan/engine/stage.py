@@ -64,6 +64,7 @@ class _Pending:
     out: torch.Tensor
     g_grad: torch.Tensor | None = None
     windows: dict[int, torch.Tensor] = field(default_factory=dict)
+    local_done: bool = False       # [Note: local first]: its own losses' part is back-propagated
 
 
 class Stage:
@@ -104,6 +105,13 @@ class Stage:
             stash = stash or bool(self._held_at)
         self.stashed = {k for k in self.indices
                         if stash and any(j > stage_last[k] for j in plan.covering(k))}
+        # [Note: local first] the windows of each stashed module that come from a later rank,
+        # steps between a batch's forward and their arrival, and a deferred local part per
+        # module: (finite flag, lr, step) of the local gradient waiting in .grad
+        self._late = {k: [j for j in plan.covering(k) if j > stage_last[k]]
+                      for k in self.stashed} if cfg.pipeline.local_first else {}
+        self._lag = self._delay if emulate is not None else cfg.pipeline.in_flight - 1
+        self._waiting: dict[int, tuple[torch.Tensor, float, int]] = {}
         # [Note: weight prediction] steps by which a stashed module's update lags its forward
         self._ahead = ((self._delay if emulate is not None else cfg.pipeline.in_flight - 1)
                        if cfg.pipeline.predict_weights and cfg.train.momentum > 0 else 0)
@@ -243,6 +251,9 @@ class Stage:
 
     def _maybe_finalize(self, step: int, k: int) -> None:
         pend = self.pending.get((step, k))
+        if pend is not None and k in self._late:
+            self._finalize_apart(step, k, pend)
+            return
         if pend is None or set(pend.windows) != set(self.plan.covering(k)):
             return
         total = pend.g_grad
@@ -251,6 +262,48 @@ class Stage:
         with torch.profiler.record_function(f"module {k} backward"):
             torch.autograd.backward(pend.out, total, inputs=self.updates.body_params[k])
         self.updates.body(k, torch.isfinite(total).all(), pend.lr, step)
+        del self.pending[(step, k)]
+
+    # [Note: local first] With pipeline.local_first, a stashed module back-propagates its own
+    # losses' gradient (g and the windows that close on its rank) as soon as they are there,
+    # keeping the graph for the late windows, and takes its optimizer step for batch t with
+    # that local gradient and the late windows of batch t-M+1, which arrive during step t
+    # (local first in .grad, then the late part: one order, in the pipeline and emulated).
+    # So its own losses are never stale, the late windows are M-1 steps old as before, and a
+    # step costs one more backward of the module's body. At the ends of a run of steps: a
+    # batch with no late window due (the fill) steps with its local gradient alone, and a late
+    # window with no batch left (the drain) steps alone.
+    def _finalize_apart(self, step: int, k: int, pend: _Pending) -> None:
+        late = self._late[k]
+        if not pend.local_done:
+            if any(j not in pend.windows for j in self.plan.covering(k) if j not in late):
+                return
+            pend.local_done = True
+            total = pend.g_grad
+            for j in sorted(j for j in pend.windows if j not in late):
+                total = pend.windows[j] if total is None else total + pend.windows[j]
+            if total is not None:
+                with torch.profiler.record_function(f"module {k} local backward"):
+                    torch.autograd.backward(pend.out, total, inputs=self.updates.body_params[k],
+                                            retain_graph=True)
+                local = (torch.isfinite(total).all(), pend.lr, step)
+                if (step - self._lag, k) in self.pending:    # its late windows come this step
+                    self._waiting[k] = local
+                else:
+                    self.updates.body(k, *local)
+        if any(j not in pend.windows for j in late):
+            return
+        total = None
+        for j in late:
+            total = pend.windows[j] if total is None else total + pend.windows[j]
+        with torch.profiler.record_function(f"module {k} backward"):
+            torch.autograd.backward(pend.out, total, inputs=self.updates.body_params[k])
+        finite = torch.isfinite(total).all()
+        if k in self._waiting:
+            ok, lr, at = self._waiting.pop(k)
+            self.updates.body(k, finite & ok, lr, at)
+        else:
+            self.updates.body(k, finite, pend.lr, step)
         del self.pending[(step, k)]
 
     @property
@@ -263,6 +316,7 @@ class Stage:
     def discard_step(self) -> None:
         """Forgets a step that never ran on the device (a failed CUDA graph capture)."""
         self.pending.clear()
+        self._waiting.clear()
         self.losses = {}
         self.updates.zero_grad()
 
