@@ -3,7 +3,7 @@ PY := .venv/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 NPROC ?= 2
 
-.PHONY: setup data run test test-fast bench soak profile gpu-check clean
+.PHONY: setup data run test test-fast bench bench-gpus soak profile gpu-check clean
 
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -45,6 +45,17 @@ bench: setup
 # 20 short 4-rank runs back to back: no hang, no process left behind.
 soak: setup
 	PIPEMLAAN_SOAK_RUNS=20 OMP_NUM_THREADS=1 $(PY) -m pytest -q tests/test_soak.py
+
+# "Benchmark on my N GPUs": every configuration (pipemlaan's methods, BP alone, BP DDP, BP
+# through torch.pipelining) at 1, 2, 4, ... ranks up to the GPUs this machine shows, ResNet-110
+# K=55 at batch 1024, each at its device's defaults (runs with the machine's torch: no .venv).
+# SMOKE=1: the same benchmark on CPU at tiny sizes (about 3 minutes on 2 cores).
+bench-gpus:
+	@if [ -n "$(SMOKE)" ]; then $(MAKE) -s setup && OMP_NUM_THREADS=1 $(PY) -m benchmarks.throughput \
+	  --device cpu --ranks 1,2 --batch 32 --steps 12 --warmup 4 --log-every 4 --repeats 1 \
+	  --name smoke $(ARGS); \
+	else python3 -m benchmarks.throughput --device cuda --ranks auto --model resnet110 --K 55 \
+	  --batch 1024 --image 3,32,32 --steps 100 --warmup 30 --log-every 10 --name gpus $(ARGS); fi
 
 # Memory per device in the paper's Table 3 shape.
 profile: setup

@@ -425,8 +425,10 @@ def shared_report(path: Path, device: torch.device, clock: _Clock | None = None)
     clock = clock or _Clock(device)
     report = {"source": str(path), "rows": []}
     for label, r in results.items():
-        if " ranks" not in label or "torch.pipelining" in label:
-            continue
+        if " ranks" not in label or "torch.pipelining" in label or \
+                r.get("method", "").startswith("bp"):
+            continue        # BP's rows (DDP, torch.pipelining): no pipeline to project
+        label = label.replace(" (sharing 1 GPU: functional check)", "")
         method = label.split(" ")[0]
         variant = label[label.index(" ["):] if label.endswith("]") else ""
         single = results.get(f"{method} single{variant}")

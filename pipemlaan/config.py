@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipemlaan.errors import ConfigError
 from pipemlaan.models import num_blocks
 
@@ -87,11 +89,18 @@ class DataConfig:
     download: bool = _f(False, "let torchvision download CIFAR-10/SVHN/STL-10 into `root` when "
                         "missing (needs internet)")
     augment: bool = _f(True, "the reference training augmentation for the dataset")
-    train_subset: int = _f(0, "use only the first N training samples (0 = all)")
-    test_subset: int = _f(0, "use only the first N test samples (0 = all)")
+    train_subset: int = _f(0, "train on N training samples drawn class by class (each class "
+                           "keeps its share, at least one sample; the same N samples whatever "
+                           "train.seed is); 0 = all")
+    test_subset: int = _f(0, "test on N test samples drawn class by class, as train_subset; "
+                          "0 = all")
     synthetic_size: int = _f(2048, "training samples of the synthetic dataset")
     synthetic_image: list = _f([3, 32, 32], "channels, height, width of synthetic images")
-    workers: int = _f(4, "loader processes for the ImageNet folder dataset")
+    workers: int = _f(4, "loader processes for the ImageNet folder dataset (started once, "
+                      "kept for the whole run)")
+    decode: str = _f("cpu", "ImageNet JPEG decoding: cpu (PIL in the loader processes, the "
+                     "reference) or gpu (torchvision.io.decode_jpeg on the training GPU in "
+                     "batches; needs CUDA)")
 
 
 @dataclass
@@ -110,6 +119,8 @@ class TrainConfig:
     lr_mult_h: float = _f(1.0, "lr multiplier for cascade / leap heads h (paper's eta_c)")
     seed: int = _f(0, "seed of weights, data order and augmentation")
     eval_every: int = _f(1, "evaluate every N epochs (the last epoch is always evaluated)")
+    eval_every_steps: int = _f(0, "also evaluate every N training steps within epochs (0 = "
+                                  "only at epoch ends): error-against-time curves")
     device: str = _f("auto", "auto | cpu | cuda (auto: cuda when available)")
     threads: int = _f(0, "torch CPU threads per rank (0 = leave torch's default)")
     nonfinite: str = _f("stop", "a NaN/Inf loss: stop (the run ends naming rank, module and "
@@ -133,7 +144,8 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    name: str = _f("", "run name; empty = <dataset>-<model>-<method>")
+    name: str = _f("", "run name, the run folder's name; empty = <dataset>-<model>-K<K>-"
+                   "<method>, e.g. fashion_mnist-resnet20-K4-dgl-mlaan (bp: no K)")
     dir: str = _f("runs", "parent folder of run directories")
     resume: bool = _f(False, "continue from the last complete checkpoint in the run directory")
     overwrite: bool = _f(False, "replace an existing run directory instead of refusing")
@@ -210,7 +222,10 @@ class Config:
     def run_name(self) -> str:
         if self.run.name:
             return self.run.name
-        return f"{self.data.name}-{self.model.name}-{method_label(self.method)}"
+        label = method_label(self.method).replace("+", "-")
+        if self.method.name == "bp":      # one end-to-end module whatever model.K says
+            return f"{self.data.name}-{self.model.name}-{label}"
+        return f"{self.data.name}-{self.model.name}-K{self.model.K}-{label}"
 
     @property
     def run_dir(self) -> Path:
@@ -384,6 +399,7 @@ def validate(cfg: Config) -> None:
                                  ("auto", "stage", "module")),
                                 ("method.leap_init", meth.leap_init, ("auto", "copy", "fresh")),
                                 ("train.compile", t.compile, ("off", "on", "auto")),
+                                ("data.decode", d.decode, ("cpu", "gpu")),
                                 ("pipeline.emulate_delay", p.emulate_delay,
                                  ("both", "window", "lam"))):
         if value not in allowed:
@@ -391,6 +407,10 @@ def validate(cfg: Config) -> None:
     if len(meth.infopro_recon) != 2 or len(meth.infopro_ce) != 2:
         raise ConfigError("method.infopro_recon and method.infopro_ce take two numbers: "
                           "[first module, last module]")
+    if d.decode == "gpu" and (t.device == "cpu" or (t.device == "auto"
+                                                   and not torch.cuda.is_available())):
+        raise ConfigError(f"data.decode=gpu decodes JPEGs on the GPU but this run has none "
+                          f"(train.device={t.device}); set data.decode=cpu, or run on CUDA")
     if len(d.synthetic_image) != 3:
         raise ConfigError("data.synthetic_image takes [channels, height, width]")
     if t.batch_size < 1:
@@ -423,6 +443,9 @@ def validate(cfg: Config) -> None:
                           f"model.K={m.K}; make the counts add up to K")
     if cfg.run.log_every < 1 or cfg.run.checkpoint_every < 1 or t.eval_every < 1:
         raise ConfigError("run.log_every, run.checkpoint_every and train.eval_every must be >= 1")
+    if t.eval_every_steps < 0:
+        raise ConfigError(f"train.eval_every_steps={t.eval_every_steps}: use 0 (off) or a "
+                          f"positive number of steps")
 
 
 def validate_world(cfg: Config, world_size: int, num_modules: int) -> None:

@@ -47,7 +47,7 @@ def expected_programs(args: list[str], ranks: int, partition: list[int], start: 
     events = run_events(steps_per_epoch=spe, total_steps=total, start=start,
                         eval_every=t.eval_every, checkpoint_every=cfg.run.checkpoint_every,
                         checkpoint_steps=cfg.run.checkpoint_steps, stop_at=stop_at,
-                        eval_first=eval_first)
+                        eval_first=eval_first, eval_steps=t.eval_every_steps)
     return {r: program(RankSchedule(spec, r, start, t.nonfinite == "stop"), events,
                        eval_batches) for r in range(ranks)}
 

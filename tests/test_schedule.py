@@ -114,6 +114,22 @@ def test_resumed_and_finished_runs_are_deadlock_free():
             assert res.ok, f"start={start}: {res.describe()}"
 
 
+def test_evaluations_every_few_steps_cut_the_epochs_and_stay_deadlock_free():
+    """train.eval_every_steps: evaluations within epochs (time-to-accuracy curves), beside
+    mid-epoch checkpoints, on an async pipeline that must drain before each."""
+    ev = run_events(steps_per_epoch=STEPS_PER_EPOCH, total_steps=TOTAL, start=0, eval_every=1,
+                    checkpoint_every=1, checkpoint_steps=3, eval_steps=2)
+    evals = [e.a for e in ev if e.kind == "eval"]
+    assert evals == [2, 4, 5, 6, 8, 10]      # every 2 steps, and every epoch's end
+    assert [e.a for e in ev if e.kind == "checkpoint"] == [3, 5, 6, 9, 10]
+    trains = [(e.a, e.b) for e in ev if e.kind == "train"]
+    assert trains == [(0, 2), (2, 3), (3, 4), (4, 5), (5, 6), (6, 8), (8, 9), (9, 10)]
+    spec = spec_for("dgl+mlaan", 2, 3, 1, False, 2, lam_every=2)
+    for rules in ("nccl", "gloo"):
+        res = simulate_run(spec, ev, eval_batches=3, rules=rules)
+        assert res.ok, res.describe()
+
+
 # ---- the stop agreement ([Note: stop agreement]) ---------------------------------------------
 LONG, LONG_EPOCH = 36, 12     # long enough for a stop after the rounds' delay D
 

@@ -78,9 +78,11 @@ def train_record(setup, clock, step: int, epoch: int, lr: float, images_per_s: f
     }
 
 
-def summary_part(setup, train_time: float, facts: dict, images: int) -> dict:
+def summary_part(setup, train_time: float, facts: dict, images: int,
+                 compute_per_step: float | None = None) -> dict:
     """This rank's part of summary.json; `images`: the batches' images this launch trained in
-    `train_time` seconds (a replica trained 1/D of them)."""
+    `train_time` seconds (a replica trained 1/D of them); `compute_per_step`: the measured
+    compute seconds of a training step on this rank (None before any logged window)."""
     stage = setup.stage
     K = len(setup.all_modules)
     backbone_sum = 0.0
@@ -97,6 +99,7 @@ def summary_part(setup, train_time: float, facts: dict, images: int) -> dict:
                                   images / setup.placement.replicas / train_time if train_time
                                   else 0.0, facts["peak_tflops"])[0],
             "predicted_stage_s": setup.predicted_stage_s,
+            "measured_stage_s": compute_per_step,
             "startup_memory": setup.startup_memory,
             "activation_bytes": setup.tracker.peak, **memory(setup)}
 
@@ -126,6 +129,7 @@ def summary(setup, parts: list[dict], result: dict, images: int, wall: float, st
         "activation_bytes": [p["activation_bytes"] for p in parts],
         # what the partition balanced (engine/costs.py) beside what each rank computed
         "predicted_stage_s": [p["predicted_stage_s"] for p in parts],
+        "measured_stage_s": [p["measured_stage_s"] for p in parts],
         "memory_share": [p["memory_share"] for p in parts],
         **({"startup_memory": [p["startup_memory"] for p in parts]}
            if any(p["startup_memory"] for p in parts) else {}),

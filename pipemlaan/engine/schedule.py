@@ -545,12 +545,13 @@ class Event:
 
 def run_events(*, steps_per_epoch: int, total_steps: int, start: int, eval_every: int,
                checkpoint_every: int, checkpoint_steps: int, stop_at: int | None = None,
-               eval_first: bool = False) -> list[Event]:
-    """The course of a run from step `start`: runs of steps cut at epoch ends and mid-epoch
-    checkpoints, evaluations and checkpoints where the config asks for them. `stop_at`: the
-    run stops after step stop_at - 1 with a checkpoint there and no evaluation (a stop agreed
-    by every rank). `eval_first`: evaluate before anything else (a run resumed from a stop
-    at an epoch's end evaluates that epoch)."""
+               eval_first: bool = False, eval_steps: int = 0) -> list[Event]:
+    """The course of a run from step `start`: runs of steps cut at epoch ends and at mid-epoch
+    checkpoints (every `checkpoint_steps`) and evaluations (every `eval_steps`), evaluations
+    and checkpoints where the config asks for them. `stop_at`: the run stops after step
+    stop_at - 1 with a checkpoint there and no evaluation (a stop agreed by every rank).
+    `eval_first`: evaluate before anything else (a run resumed from a stop at an epoch's end
+    evaluates that epoch)."""
     end = total_steps if stop_at is None else min(stop_at, total_steps)
     stopped = end < total_steps
     events = [Event("eval", start)] if eval_first and start < end else []
@@ -560,11 +561,13 @@ def run_events(*, steps_per_epoch: int, total_steps: int, start: int, eval_every
         epoch_end = (epoch + 1) * steps_per_epoch
         run_end = min(epoch_end, end)
         a = step
-        if checkpoint_steps:
-            c = (a // checkpoint_steps + 1) * checkpoint_steps
-            while c < run_end:
-                events += [Event("train", a, c), Event("checkpoint", c)]
-                a, c = c, c + checkpoint_steps
+        for c in _cuts(a, run_end, checkpoint_steps, eval_steps):
+            events.append(Event("train", a, c))
+            if eval_steps and c % eval_steps == 0:
+                events.append(Event("eval", c))
+            if checkpoint_steps and c % checkpoint_steps == 0:
+                events.append(Event("checkpoint", c))
+            a = c
         events.append(Event("train", a, run_end))
         step = run_end
         if stopped:
@@ -594,6 +597,11 @@ def run_events(*, steps_per_epoch: int, total_steps: int, start: int, eval_every
         events.append(Event("eval", step))
     events.append(Event("summary", step))
     return events
+
+
+def _cuts(a: int, b: int, *every: int) -> list[int]:
+    """The steps strictly between a and b that are multiples of any non-zero `every`."""
+    return sorted({c for n in every if n for c in range((a // n + 1) * n, b, n)})
 
 
 def program(sched: RankSchedule, events: list[Event], eval_batches: int) -> list[Action]:

@@ -79,6 +79,7 @@ class Trainer:
         self._rounds: dict[int, tuple[torch.Tensor, object]] = {}    # stop rounds in flight
         self._gathered: dict = {}      # what this rank's collectives brought back, by name
         self._event = 0                # the index in self.events being executed
+        self._compute = [0.0, 0]       # compute seconds and steps of the logged windows
         self.events = self._course(None)
 
     @property
@@ -94,6 +95,7 @@ class Trainer:
                           start=start, eval_every=cfg.train.eval_every,
                           checkpoint_every=cfg.run.checkpoint_every,
                           checkpoint_steps=cfg.run.checkpoint_steps, stop_at=stop_at,
+                          eval_steps=cfg.train.eval_every_steps,
                           eval_first=eval_first)
 
     # ---- the run's course ------------------------------------------------------------------
@@ -173,6 +175,8 @@ class Trainer:
                                       self._lr, window_images / elapsed, elapsed,
                                       self.facts)
                 self._record(record)
+                self._compute[0] += record["compute_s"]
+                self._compute[1] += window_images // cfg.train.batch_size
                 view.update(self.step, record if self.env.rank == 0 else {})
                 window_t0, window_images = time.perf_counter(), 0
                 s.clock.reset()
@@ -219,7 +223,9 @@ class Trainer:
                 self._gathered["checksums"] = merged
         elif name == "gather summary":
             result, train_time, images, t_start = self._summary_args
-            parts = gather_all(self.env, summary_part(self.s, train_time, self.facts, images))
+            seconds, steps = self._compute
+            parts = gather_all(self.env, summary_part(self.s, train_time, self.facts, images,
+                                                      seconds / steps if steps else None))
             if self.env.rank == 0:
                 self._gathered["summary"] = summary(self.s, parts, result, images,
                                                     time.perf_counter() - t_start, self.step,
