@@ -57,9 +57,9 @@ bench-gpus:
 	else python3 -m benchmarks.throughput --device cuda --ranks auto --model resnet110 --K 55 \
 	  --batch 1024 --image 3,32,32 --steps 100 --warmup 30 --log-every 10 --name gpus $(ARGS); fi
 
-# Memory per device in the paper's Table 3 shape.
+# Memory per device in the paper's Table 3 shape (on the GPU when one is visible).
 profile: setup
-	OMP_NUM_THREADS=1 $(PY) -m benchmarks.table3 --ranks 4 $(ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m benchmarks.table3 --ranks 4 --device auto $(ARGS)
 
 # On a machine with one GPU (no .venv needed: runs from the tree with the machine's torch):
 # torch.compile vs eager, Table 3 per rank, 4 ranks sharing the GPU, projections, GPU tests;

@@ -187,14 +187,17 @@ def main(argv: list[str] | None = None) -> int:
                    "on CUDA, instead of the in-process accounting")
     p.add_argument("--methods", default="", help="methods to keep, e.g. bp,dgl+mlaan "
                    "(default: all five)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
                    help="cuda: each rank's stage alone on the GPU (allocator peak, NVML, step "
-                        "time) instead of the CPU accounting")
+                        "time, saved-for-backward bytes of the warm-up steps) instead of the "
+                        "CPU accounting; auto: cuda when one is visible (make profile)")
     p.add_argument("--precisions", default="fp32", help="on CUDA: fp32 (the paper's setting), "
                    "bf16 or both, e.g. fp32,bf16 (in that order)")
     p.add_argument("--steps", type=int, default=6, help="timed steps per stage")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     args, overrides = p.parse_known_args(sys.argv[1:] if argv is None else argv)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         if args.device == "cuda" and not torch.cuda.is_available():
             raise PipemlaanError("--device cuda but no CUDA device is visible")

@@ -103,7 +103,8 @@ def stage_alone(cfg: Config, spec: DatasetSpec, modules, plan, partition: list[i
         base = torch.cuda.memory_allocated(device)
     for m in mods:
         m.to(device)
-    tracker = None if cuda else SavedTensorTracker()
+    # on CUDA the warm-up steps are traced (their saved-for-backward bytes), the timed ones not
+    tracker = SavedTensorTracker(steps=warmup if cuda else None)
     stage = Stage(cfg, mods, plan, device, saved_tracker=tracker)
     in_shape = image_shape if lo == 0 else shapes[lo - 1]
     ring = [torch.randn(batch, *in_shape, device=device) for _ in range(1 if lo == 0 else 2)]
@@ -129,7 +130,7 @@ def stage_alone(cfg: Config, spec: DatasetSpec, modules, plan, partition: list[i
                 pending.append((start, end))
         elif step >= warmup:
             times.append(time.perf_counter() - t0)
-    out = {"rank": rank, "modules": [lo, hi - 1]}
+    out = {"rank": rank, "modules": [lo, hi - 1], "activation_bytes": tracker.peak}
     if cuda:
         torch.cuda.synchronize(device)
         times = [a.elapsed_time(b) / 1e3 for a, b in pending]

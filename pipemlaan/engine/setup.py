@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +33,7 @@ from pipemlaan.engine.stage import Stage
 from pipemlaan.errors import ConfigError, PipemlaanError
 from pipemlaan.local.module import build_local_modules, output_shapes, window_plan
 from pipemlaan.models import num_blocks
-from pipemlaan.metrics import SavedTensorTracker, reset_peaks
+from pipemlaan.metrics import SavedTensorTracker
 from pipemlaan.ui import console
 
 
@@ -59,7 +59,8 @@ class Setup:
     total_steps: int
     clock: StepClock
     module_costs: list[float]     # predicted seconds per training step, per module (costs.py)
-    startup_memory: dict          # CUDA: start-up's allocator peak, reported apart (metrics.py)
+    # CUDA: start-up's allocator peak, reported apart (set when the trainer's start-up ends)
+    startup_memory: dict = field(default_factory=dict)
 
     @property
     def predicted_stage_s(self) -> float:
@@ -180,11 +181,9 @@ def build(cfg: Config, env: DistEnv) -> Setup:
             config_hash(cfg), schedule.prev, schedule.next,
             pipe_group(env.rank, schedule.prev) if schedule.prev is not None else None,
             pipe_group(env.rank, schedule.next) if schedule.next is not None else None)
-    # start-up ends here: a rank's memory peak counts its own training from now on
-    startup_memory = reset_peaks(env.device)
     return Setup(cfg, env, placement, replica, my_stage, all_modules, stage,
                  tracker, transport, lam, pspec, schedule, resumed, train_set, test_set,
-                 steps_per_epoch, test_samples, total, clock, module_costs, startup_memory)
+                 steps_per_epoch, test_samples, total, clock, module_costs)
 
 
 def config_hash(cfg: Config) -> int:

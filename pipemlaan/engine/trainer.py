@@ -36,7 +36,7 @@ from pipemlaan.engine.stage import NonFiniteLoss
 from pipemlaan import provenance
 from pipemlaan.checkpoint import write_meta
 from pipemlaan.flops import best_measured_peaks
-from pipemlaan.metrics import MetricsWriter, StepTracer
+from pipemlaan.metrics import MetricsWriter, StepTracer, reset_peaks
 from pipemlaan.trackers import open_trackers, scalars
 from pipemlaan.ui import NullView, banner, console, progress_view, results_table
 
@@ -73,6 +73,8 @@ class Trainer:
         # after resume: a captured graph must see the weights and optimizer state it updates
         self.graphed = (GraphedStep(self.stage) if graph_skip_reason(cfg, self.s) is None
                         else None)
+        # start-up ends here: a rank's memory peak counts its own training from now on
+        self.s.startup_memory = reset_peaks(env.device)
         self._train_step = self.graphed or self.stage.train_step
         self._eval_bs = cfg.train.batch_size // self.s.placement.replicas
         self.eval_batches = -(-self.s.test_samples // self._eval_bs)
