@@ -33,26 +33,39 @@ def _run(tmp_path, ranks: int, extra=()):
     return tmp_path / "run"
 
 
+@pytest.fixture(scope="module")
+def pipelines(tmp_path_factory):
+    """The 2- and 4-rank runs, each made once for this module's tests."""
+    made = {}
+
+    def get(ranks: int):
+        if ranks not in made:
+            made[ranks] = _run(tmp_path_factory.mktemp(f"ranks{ranks}"), ranks)
+        return made[ranks]
+    return get
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_every_rank_on_one_axis(tmp_path, ranks):
-    run = _run(tmp_path, ranks)
+def test_every_rank_on_one_axis(tmp_path, pipelines, ranks):
+    run = pipelines(ranks)
     trace = check_timeline(run, ranks, tmp_path / "out", (0, 4))
     kinds = {e["cat"] for e in trace["traceEvents"] if e["ph"] == "X"}
     # the steps, their messages, the evaluation and the checkpoints after them
     assert {"compute", "post", "recv wait", "send wait", "eval", "checkpoint",
             "collective"} <= kinds, kinds
     # the default range: the last three training steps every rank recorded
-    assert timeline_main([str(run), "--no-png"]) == 0
-    default = json.loads((run / "timeline" / "trace.json").read_text())
+    default_out = tmp_path / "default.json"
+    assert timeline_main([str(run), "--no-png", "--out", str(default_out)]) == 0
+    default = json.loads(default_out.read_text())
     assert default["otherData"]["steps"] == [1, 3]
 
 
 @pytest.mark.slow
-def test_the_causality_check_sees_a_wrong_clock(tmp_path):
+def test_the_causality_check_sees_a_wrong_clock(pipelines):
     """Negative control: with rank 1's clock moved 10 s early, its receives end before rank
     0's sends began, and the check says so."""
-    files = rank_files(_run(tmp_path, 2))
+    files = rank_files(pipelines(2))
     assert check_receives_follow_sends(files) > 0
     files[1]["clock"]["offset_ns"] -= 10 ** 10
     with pytest.raises(AssertionError, match="before it was sent"):
