@@ -16,7 +16,8 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from inprocess import run_ranks
-from pipemlaan.trackers import FanOut, TensorBoardTracker, Tracker, open_trackers, scalars
+from pipemlaan.trackers import (FanOut, TensorBoardTracker, Threaded, Tracker, open_trackers,
+                                scalars)
 from runs import TINY
 from timelines import check_tensorboard, read_scalars
 
@@ -115,7 +116,7 @@ def test_a_missing_package_is_one_line_and_the_run_goes_on(tmp_path, monkeypatch
     out = capsys.readouterr().out.strip().splitlines()
     assert out == ["run.wandb is on but wandb is not installed (pip install wandb); logging "
                    "to metrics.jsonl and TensorBoard only"]
-    assert isinstance(t, TensorBoardTracker)
+    assert isinstance(t, Threaded) and isinstance(t.inner, TensorBoardTracker)
     t.log({"loss/module_0": 1.5}, 1)
     t.close()
     assert read_scalars(tmp_path / "tensorboard" / "rank0") == {"loss/module_0": {1: 1.5}}
