@@ -45,6 +45,8 @@ from pipemlaan.config import load_config
 from pipemlaan.data import dataset_spec
 from pipemlaan.local.module import build_local_modules
 
+from inprocess import run_ranks
+
 from runs import (ASYNC_CASES, ASYNC_LAM, ASYNC_STEPS, CHANCE_ERROR, DP_LAYOUTS, DP_METHODS,
                   EMULATED_CASES, K, LOCAL_FIRST_CASES, LOCK_EPOCHS, LOCK_RANKS, LOCK_STEPS, LOCK_STEPS_PER_EPOCH,
                   METHODS, REF_PLAN, USED_BY, VIEW_RANKS, WINDOW3_K, WINDOW3_PARTITION, assert_losses_match,
@@ -354,3 +356,17 @@ def test_async_replicas_train_and_stay_identical(runs):
         early = sum(losses[(t, k)] for t in range(1, quarter + 1))
         late = sum(losses[(t, k)] for t in range(ASYNC_STEPS - quarter + 1, ASYNC_STEPS + 1))
         assert late < early, (k, early, late)
+
+
+def test_evaluations_every_few_steps_on_an_async_pipeline(tmp_path):
+    """train.eval_every_steps: an async 2-rank pipeline drains and evaluates within the epoch;
+    each eval line has the training seconds so far (what time-to-accuracy curves read)."""
+    res = run_ranks(["--data.name=synthetic", "--data.synthetic_size=256",
+                     "--train.batch_size=32", "--train.epochs=1", "--train.eval_every_steps=3",
+                     "--data.test_subset=64", "--run.progress=false", "--run.tensorboard=false",
+                     "--pipeline.mode=async", f"--run.dir={tmp_path}", "--run.name=evals"], 2)
+    evals = [r for r in res["metrics"] if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [3, 6, 8]         # every 3 steps and the epoch's end
+    times = [r["train_s"] for r in evals]
+    assert times == sorted(times) and times[0] > 0
+    assert res["summary"]["steps"] == 8
