@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipemlaan.checkpoint import latest_checkpoint, load_module_file
+from pipemlaan.checkpoint_files import latest_checkpoint, load_module_file
 from pipemlaan.config import load_config, method_label
 from pipemlaan.data import dataset_spec, load_datasets
 from pipemlaan.errors import PipemlaanError

@@ -17,7 +17,7 @@ from pipemlaan.config import load_config
 from pipemlaan.engine.comm import HostStagedComm, LocalComm, LocalWorld
 from pipemlaan.engine.distributed import DistEnv
 from pipemlaan.engine.preempt import StopRequest
-from pipemlaan.engine.record import RecordingComm
+from pipemlaan.engine.call_log import RecordingComm
 from pipemlaan.metrics import read_metrics
 
 
@@ -28,7 +28,7 @@ def run_ranks(overrides: list[str], world: int, timeout_s: float = 120.0,
     buffer, as on ranks that share a GPU: engine/comm.py HostStagedComm); returns
     {"summary": rank 0's summary, "metrics": every metrics.jsonl record, "run_dir": the run
     folder, "stopped_at": where a stop was agreed, or None}. `record_dir`: every rank's calls
-    to the others are recorded there (engine/record.py). `stop_ranks`: these ranks were asked
+    to the others are recorded there (engine/call_log.py). `stop_ranks`: these ranks were asked
     to stop before the run began, as a SIGTERM would (engine/preempt.py). A rank's exception is
     re-raised (the first one that is not a consequence of another rank's failure)."""
     shared = LocalWorld(world, timeout_s)

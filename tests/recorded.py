@@ -1,4 +1,4 @@
-"""Checks a recorded run (engine/record.py) against its schedule: each rank's record against
+"""Checks a recorded run (engine/call_log.py) against its schedule: each rank's record against
 `schedule.program` rebuilt from the run's configuration alone.
 
 Not a test module; imported by test_order.py (in-process runs) and test_pipeline.py (a torchrun

@@ -213,7 +213,7 @@ def _flip(path: Path) -> None:
 @pytest.mark.parametrize("damage", [_truncate, _flip], ids=["truncated", "flipped-bytes"])
 def test_damaged_newest_checkpoint_falls_back_and_resumes(finished_run, tmp_path, damage,
                                                           capsys):
-    from pipemlaan.checkpoint import latest_checkpoint
+    from pipemlaan.checkpoint_files import latest_checkpoint
     run_dir, name = _copy_run(finished_run, tmp_path)
     older, newest = complete_checkpoints(run_dir)
     assert latest_checkpoint(run_dir)[0] == newest            # intact: the newest
@@ -234,7 +234,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes(finished_run, tmp_path
 
 
 def test_missing_module_file_falls_back(finished_run, tmp_path):
-    from pipemlaan.checkpoint import latest_checkpoint
+    from pipemlaan.checkpoint_files import latest_checkpoint
     run_dir, _ = _copy_run(finished_run, tmp_path)
     older, newest = complete_checkpoints(run_dir)
     (newest / "module_003.pt").unlink()
@@ -247,7 +247,7 @@ def test_missing_module_file_falls_back(finished_run, tmp_path):
 
 
 def test_incomplete_checkpoint_without_meta_is_ignored(finished_run, tmp_path):
-    from pipemlaan.checkpoint import latest_checkpoint
+    from pipemlaan.checkpoint_files import latest_checkpoint
     run_dir, _ = _copy_run(finished_run, tmp_path)
     newest = complete_checkpoints(run_dir)[-1]
     partial = run_dir / "checkpoints" / f"step_{10 * STEPS_PER_EPOCH:08d}"
@@ -424,7 +424,7 @@ def test_run_dir_below_a_file_is_a_one_line_error(tmp_path):
 
 
 def test_full_disk_checkpoint_error_keeps_earlier_checkpoint(tmp_path):
-    from pipemlaan.checkpoint import latest_checkpoint
+    from pipemlaan.checkpoint_files import latest_checkpoint
     from pipemlaan.config import load_config
     from pipemlaan.engine.distributed import DistEnv
     from pipemlaan.engine.trainer import Trainer

@@ -13,8 +13,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipemlaan"
-LAYERS = [("pipemlaan.errors", "pipemlaan.ui", "pipemlaan.metrics", "pipemlaan.checkpoint",
-           "pipemlaan.flops", "pipemlaan.provenance", "pipemlaan.trackers"),
+LAYERS = [("pipemlaan.errors", "pipemlaan.ui", "pipemlaan.metrics",
+           "pipemlaan.checkpoint_files", "pipemlaan.flops", "pipemlaan.provenance", "pipemlaan.trackers"),
           ("pipemlaan.models",), ("pipemlaan.config",), ("pipemlaan.data",),
           ("pipemlaan.local",), ("pipemlaan.engine",), ("pipemlaan.profile", "pipemlaan.train",
                                                        "pipemlaan.timeline")]

@@ -1,6 +1,6 @@
 """Every call a rank makes to another rank comes from its schedule, in the schedule's order.
 
-Real runs are recorded (engine/record.py: each action the trainer's dispatcher executes, and
+Real runs are recorded (engine/call_log.py: each action the trainer's dispatcher executes, and
 each call that crosses ranks with the action it was made in), and each rank's record is
 compared with `schedule.program` for that run, rebuilt here from the run's configuration alone:
 the same actions in the same order; every call made inside an action of the kind that makes it

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import pytest
 
-from pipemlaan.engine.record import ENV as RECORD_ENV
+from pipemlaan.engine.call_log import ENV as RECORD_ENV
 
 from launching import REPO, launch_env, train_command
 from recorded import check_run, expected_programs, summary_partition
@@ -162,7 +162,7 @@ def _handshake_job(key: str, root: Path) -> Result:
                   timeout=FAIL_TIMEOUT_S, script=script)
 
 
-# launches whose every call between ranks is recorded (engine/record.py) and checked against
+# launches whose every call between ranks is recorded (engine/call_log.py) and checked against
 # the schedule (tests/recorded.py, test_order.py for the in-process cases)
 RECORDED = {"async-lam-4"}
 

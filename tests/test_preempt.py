@@ -93,10 +93,10 @@ SINGLE_STEPS = 2 * 128 // 16
 def _train_signalled(tmp_path: Path, name: str, monkeypatch, where: str) -> Trainer:
     """A single-process run in this (the main) thread with the entry point's handlers, which
     sends itself SIGTERM the first time `where` is reached."""
-    import pipemlaan.engine.checkpoints as checkpoints
+    import pipemlaan.engine.checkpoint_state as checkpoint_state
     import pipemlaan.engine.stage as stage_mod
     target = {"eval": (stage_mod.Stage, "eval_batch"),
-              "checkpoint": (checkpoints.ckpt, "save_module_file")}[where]
+              "checkpoint": (checkpoint_state.ckpt, "save_module_file")}[where]
     real = getattr(*target)
     fired = []
 

@@ -65,7 +65,7 @@ class Comm:
 
     def doing(self, action) -> None:
         """The trainer's dispatcher names the schedule action it executes (None: none); only
-        engine/record.py's recorder keeps it."""
+        engine/call_log.py's recorder keeps it."""
 
 
 class TorchComm(Comm):

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from pipemlaan.config import Config
 from pipemlaan.engine.comm import Comm, HostStagedComm, TorchComm
 from pipemlaan.engine import watchdog
-from pipemlaan.engine.record import RecordingComm, maybe_record
+from pipemlaan.engine.call_log import RecordingComm, maybe_record
 from pipemlaan.engine.runtime import configure_torch
 from pipemlaan.errors import ConfigError, PipelineError, PipemlaanError
 from pipemlaan.ui import console

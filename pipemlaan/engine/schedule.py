@@ -469,7 +469,7 @@ class RankSchedule:
 
     # -- checkpoints, the end, and every event's actions
     def checkpoint(self, step: int) -> list[Action]:
-        """A checkpoint at `step` (checkpoint.py writes the files, the trainer's dispatcher
+        """A checkpoint at `step` (checkpoint_files.py writes the files, the trainer's dispatcher
         runs the collectives): agree that every update was finite (train.nonfinite=stop),
         write this rank's module files, gather every rank's checksums (or its error), rank 0
         writes meta.json, and no rank goes on before it is there."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from pipemlaan import checkpoint as ckpt
+from pipemlaan import checkpoint_files as ckpt
 from pipemlaan.config import Config, to_toml, validate_world
 from pipemlaan.data import dataset_spec, load_datasets, validate_data
 from pipemlaan.engine.distributed import DistEnv, agree, broadcast
@@ -26,7 +26,7 @@ from pipemlaan.engine.partition import (balanced_partition, check_partition, des
                                         feasible, window_spans)
 from pipemlaan.engine.placement import Placement
 from pipemlaan.engine.replicas import GradSync, sync_batch_norm
-from pipemlaan.engine import checkpoints
+from pipemlaan.engine import checkpoint_state
 from pipemlaan.engine.schedule import (PipeSpec, RankSchedule, pipe_group, pipe_spec,
                                        process_groups, stage_group)
 from pipemlaan.engine.stage import Stage
@@ -160,7 +160,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
             raise ConfigError(f"--run.resume=true but {cfg.run_dir} holds no complete "
                               f"checkpoint")
         d, resumed = found
-        checkpoints.load(Path(d), resumed, stage, lam, K, env.device)
+        checkpoint_state.load(Path(d), resumed, stage, lam, K, env.device)
         start = resumed["step"]
         print0(env, f"resumed from {d} at step {start} (epoch {resumed['epoch']})")
     schedule = RankSchedule(pspec, env.rank, start, cfg.train.nonfinite == "stop")

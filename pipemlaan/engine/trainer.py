@@ -5,7 +5,7 @@ checkpoint it resumes from, the schedule); `train()` follows the run's course (e
 `run_events`: runs of steps, evaluations, checkpoints, the end) and executes, in order, the
 actions the schedule gives each piece. Every action goes through one dispatcher, `_run`: posts
 and waits to the transport (engine/p2p.py), compute actions to the stage (engine/stage.py), LAM
-(engine/lam.py) and checkpoints (engine/checkpoints.py), collectives to their handlers here.
+(engine/lam.py) and checkpoints (engine/checkpoint_state.py), collectives to their handlers here.
 After start-up nothing else talks to another rank, so a run does exactly what
 `schedule.program` lists (tests/test_order.py records real runs and compares). A stop agreed by
 every rank (engine/preempt.py) moves the run's end and ends it with a checkpoint. Returns the
@@ -20,7 +20,7 @@ import time
 import torch
 
 from pipemlaan.config import Config, to_toml
-from pipemlaan.engine import checkpoints
+from pipemlaan.engine import checkpoint_state
 from pipemlaan.engine.distributed import DistEnv, barrier, gather_all
 from pipemlaan.engine.compiled import compile_skip_reason
 from pipemlaan.engine.graphs import GraphedStep, graph_skip_reason
@@ -34,7 +34,7 @@ from pipemlaan.engine.setup import build
 from pipemlaan.engine.spans import ActionSpans, measure_clock
 from pipemlaan.engine.stage import NonFiniteLoss
 from pipemlaan import provenance
-from pipemlaan.checkpoint import write_meta
+from pipemlaan.checkpoint_files import write_meta
 from pipemlaan.flops import best_measured_peaks
 from pipemlaan.metrics import MetricsWriter, StepTracer, reset_peaks
 from pipemlaan.trackers import open_trackers, scalars
@@ -220,7 +220,7 @@ class Trainer:
             self._check_finite(every_rank=True)
         elif name == "gather checkpoint files":
             parts = gather_all(self.env, self._gathered.pop("checkpoint"))
-            merged = checkpoints.raise_first_error(parts, self.env.rank)
+            merged = checkpoint_state.raise_first_error(parts, self.env.rank)
             if self.env.rank == 0:
                 self._gathered["checksums"] = merged
         elif name == "gather summary":
@@ -325,7 +325,7 @@ class Trainer:
         self._run(self.sched.checkpoint(self.step))
 
     def _do_write_checkpoint(self, act: Compute) -> None:
-        self._gathered["checkpoint"] = checkpoints.write_module_files(
+        self._gathered["checkpoint"] = checkpoint_state.write_module_files(
             self.cfg.run_dir, act.index, self.stage, self.s.lam, self.s.replica)
         self._write_spans()        # a killed run keeps its timeline up to here
 

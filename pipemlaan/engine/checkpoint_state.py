@@ -3,8 +3,9 @@ optimizer state), each twin's current snapshot and the LAM history of the blocks
 (engine/lam.py [Note: LAM history]).
 
 Files and their integrity (atomic writes, sha256, meta.json, which checkpoint is the newest
-intact one) are checkpoint.py's; when a checkpoint is written, and the collectives around it,
-are the schedule's (engine/schedule.py `RankSchedule.checkpoint`), executed by the trainer.
+intact one) are pipemlaan/checkpoint_files.py's; when a checkpoint is written, and the
+collectives around it, are the schedule's (engine/schedule.py `RankSchedule.checkpoint`),
+executed by the trainer.
 Only replica 0 writes module files: replicas hold identical weights. Files are per module, so
 a run resumes on any number of ranks.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipemlaan import checkpoint as ckpt
+from pipemlaan import checkpoint_files as ckpt
 from pipemlaan.errors import ConfigError, PipemlaanError
 
 

@@ -1,5 +1,6 @@
 """Checkpoint files: one file per local module (weights, heads, optimizer state, LAM state),
-written atomically and checked on reading. What a rank puts in them is engine/checkpoints.py's.
+written atomically and checked on reading. What a rank puts in them is
+engine/checkpoint_state.py's.
 
 Layout: `<run>/checkpoints/step_<S>/module_<k>.pt` plus `meta.json` (step, epoch, the sha256 of
 every module file). Each rank writes the files of the modules it owns; rank 0 writes meta.json
