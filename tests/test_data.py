@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from pipemlaan.config import DataConfig
+from pipemlaan.config import load_config
 from pipemlaan.data import (DatasetSpec, FolderSplit, TensorSplit, dataset_spec, load_datasets,
                             validate_data)
+from pipemlaan.data.splits import stratified_subset
 from pipemlaan.errors import ConfigError, DataError
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -81,12 +83,32 @@ def test_idx_round_trip(tmp_path, compress):
     assert torch.equal(yt, torch.from_numpy(sets["t10k"][1].astype(np.int64)))
 
 
-def test_subsets_keep_the_first_samples(tmp_path):
-    sets = make_fashion(tmp_path)
+def test_subsets_are_drawn_class_by_class(tmp_path):
+    sets = make_fashion(tmp_path)          # 40 train samples, 4 per class; 20 test, 2 per class
     cfg = DataConfig(name="fashion_mnist", root=str(tmp_path), train_subset=12, test_subset=5)
     train, test, _ = load_datasets(cfg)
     assert (train.num_samples, test.num_samples) == (12, 5)
-    assert torch.equal(train.labels, torch.from_numpy(sets["train"][1][:12].astype(np.int64)))
+    counts = torch.bincount(train.labels, minlength=10).tolist()
+    assert sorted(counts) == [1] * 8 + [2] * 2, counts      # every class, shares within one
+    # the images travel with their labels: each kept image is the source image of its class
+    images, labels = sets["train"]
+    src = torch.from_numpy(images).to(torch.uint8)
+    for img, lab in zip(train.images[:, 0], train.labels):
+        hits = [i for i in range(len(src)) if torch.equal(src[i], img)]
+        assert len(hits) == 1 and int(labels[hits[0]]) == int(lab)
+    again, _, _ = load_datasets(cfg)
+    assert torch.equal(again.images, train.images)             # seeded: the same draw
+    assert len(set(test.labels.tolist())) == 5
+
+
+def test_stratified_subset_keeps_shares_and_rare_classes():
+    labels = torch.tensor([0] * 90 + [1] * 9 + [2] * 1)
+    keep = stratified_subset(labels, 10)
+    assert torch.bincount(labels[keep]).tolist() == [8, 1, 1]   # 9 / 0.9 / 0.1: the rare class
+    assert keep.tolist() == sorted(keep.tolist()) and len(set(keep.tolist())) == 10
+    assert torch.equal(stratified_subset(labels, 0), torch.arange(100))
+    assert torch.equal(stratified_subset(labels, 500), torch.arange(100))
+    assert torch.bincount(labels[stratified_subset(labels, 50)]).tolist() == [44, 5, 1]
 
 
 def test_validate_missing_fashion_folder(tmp_path):
@@ -361,3 +383,102 @@ def test_folder_split_serves_reproducible_batches(tmp_path):
     assert torch.equal(xr, full[2][0]) and torch.equal(yr, full[2][1])
     labels = [y.tolist() for _, y in test.batches(4, epoch=0, seed=0, train=False)]
     assert labels == [[0, 0, 0, 1], [1, 1]]
+
+
+def make_folder(root: Path, classes: int, per_class: int, size=(40, 48), suffix: str = "png",
+                splits=("train", "val")) -> None:
+    """An ImageFolder tree sorted by class, as ImageNet's: root/<split>/<class>/<i>.<suffix>.
+    JPEGs get smooth content (a gradient and a block), as photographs have."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    h, w = size
+    for split in splits:
+        for c in range(classes):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(per_class):
+                if suffix == "png":
+                    pixels = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+                else:
+                    yy, xx = np.mgrid[0:h, 0:w]
+                    base = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) * 127 // (h + w)],
+                                    -1)
+                    y0, x0 = rng.integers(0, h // 2), rng.integers(0, w // 2)
+                    base[y0:y0 + h // 3, x0:x0 + w // 3] = rng.integers(0, 256, 3)
+                    pixels = base.astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.{suffix}",
+                                             quality=90)
+
+
+def test_folder_subsets_keep_every_class(tmp_path):
+    make_folder(tmp_path, classes=4, per_class=5, size=(8, 8), splits=("train",))
+    spec = dataset_spec(DataConfig(name="imagenet"))
+    whole = FolderSplit(tmp_path / "train", spec, False, "cpu", workers=0)
+    assert whole.num_samples == 20
+    # the first 8 samples of this class-sorted folder would be classes 0 and 1 only
+    split = FolderSplit(tmp_path / "train", spec, False, "cpu", workers=0, subset=8)
+    labels = torch.cat([y for _, y in split.batches(8, epoch=0, seed=0, train=False)])
+    assert torch.bincount(labels).tolist() == [2, 2, 2, 2]
+    few = FolderSplit(tmp_path / "train", spec, False, "cpu", workers=0, subset=3)
+    labels = torch.cat([y for _, y in few.batches(8, epoch=0, seed=0, train=False)])
+    assert len(set(labels.tolist())) == 3
+
+
+def test_folder_workers_persist_and_keep_the_order(tmp_path):
+    """One loader, and the same worker processes, serve a run of steps, an evaluation and the
+    next run of steps; the batches equal those of the in-process loader (workers=0)."""
+    make_folder(tmp_path, classes=2, per_class=4, size=(24, 24), splits=("train",))
+    spec = DatasetSpec("t", 3, (16, 16), 2, (0.5,) * 3, (0.25,) * 3)
+    ref = FolderSplit(tmp_path / "train", spec, True, "cpu", workers=0)
+    split = FolderSplit(tmp_path / "train", spec, True, "cpu", workers=2)
+
+    def passes(s):
+        first = list(s.batches(2, epoch=0, seed=3, train=True))
+        ev = list(s.batches(3, epoch=0, seed=0, train=False))
+        resumed = list(s.batches(2, epoch=1, seed=3, train=True, start=1))
+        return first + ev + resumed
+
+    want = passes(ref)
+    first = list(split.batches(2, epoch=0, seed=3, train=True))
+    pids = [w.pid for w in split._loader._iterator._workers]
+    got = first + list(split.batches(3, epoch=0, seed=0, train=False)) + \
+        list(split.batches(2, epoch=1, seed=3, train=True, start=1))
+    assert [w.pid for w in split._loader._iterator._workers] == pids and len(pids) == 2
+    assert len(got) == len(want) == 4 + 3 + 3
+    for (x, y), (xr, yr) in zip(got, want):
+        assert torch.equal(x, xr) and torch.equal(y, yr)
+    # a pass left half-way (a stop) and a new one: the new one is served whole, in order
+    stopped = split.batches(2, epoch=0, seed=3, train=True)
+    next(stopped)
+    again = list(split.batches(2, epoch=0, seed=3, train=True))
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(again, want[:4]))
+    assert list(stopped) == []              # the workers serve one pass at a time
+
+
+def test_gpu_decode_path_cuts_the_same_boxes(tmp_path):
+    """decode=gpu (here on the CPU, the device the split is given): file bytes from the
+    workers, decode_jpeg on the device, the same seeded crops and flips as the PIL path."""
+    make_folder(tmp_path, classes=2, per_class=3, size=(60, 80), suffix="jpg",
+                splits=("train",))
+    spec = DatasetSpec("t", 3, (32, 32), 2, (0.5,) * 3, (0.25,) * 3)
+    for train in (True, False):
+        pil = list(FolderSplit(tmp_path / "train", spec, True, "cpu", workers=0).batches(
+            3, epoch=0, seed=1, train=train))
+        raw = list(FolderSplit(tmp_path / "train", spec, True, "cpu", workers=1,
+                               decode="gpu").batches(3, epoch=0, seed=1, train=train))
+        for (x, y), (xr, yr) in zip(raw, pil):
+            assert x.shape == xr.shape == (3, 3, 32, 32) and torch.equal(y, yr)
+            # equal on torchvision 0.29; the margin is for the resampling (tensor resize
+            # against PIL's) of other versions; another seed's boxes differ by about 0.8 here
+            assert (x - xr).abs().mean() < 0.05, (train, float((x - xr).abs().mean()))
+
+
+def test_gpu_decode_without_a_gpu_is_one_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="data.decode=gpu.*data.decode=cpu"):
+        load_config(None, ["--data.name=imagenet", "--data.decode=gpu", "--train.device=cpu"])
+    make_folder(tmp_path, classes=1, per_class=1, size=(8, 8))
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="data.decode=gpu.*data.decode=cpu"):
+            load_config(None, ["--data.name=imagenet", "--data.decode=gpu"])
+        with pytest.raises(ConfigError, match="data.decode=gpu.*data.decode=cpu"):
+            load_datasets(DataConfig(name="imagenet", root=str(tmp_path), decode="gpu"), "cpu")

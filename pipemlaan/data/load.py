@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from pipemlaan.config import DataConfig
-from pipemlaan.errors import DataError
+from pipemlaan.errors import ConfigError, DataError
 from pipemlaan.data.checks import _idx_file, _torchvision_fix, _where, validate_data
 from pipemlaan.data.specs import (_AUGMENT, _FASHION_FILES, _IDX_IMAGES, _IDX_LABELS,
                                   _SYNTHETIC_NOISE, _SYNTHETIC_SEED, DatasetSpec, data_root,
                                   dataset_spec)
-from pipemlaan.data.splits import FolderSplit, Split, TensorSplit, _generator
+from pipemlaan.data.splits import (FolderSplit, Split, TensorSplit, _generator,
+                                   stratified_subset)
 
 
 def load_datasets(cfg: DataConfig, device: torch.device | str = "cpu"
@@ -27,9 +28,14 @@ def load_datasets(cfg: DataConfig, device: torch.device | str = "cpu"
     validate_data(cfg)
     root = data_root(cfg)
     if cfg.name == "imagenet":
+        if cfg.decode == "gpu" and torch.device(device).type != "cuda":
+            raise ConfigError(f"data.decode=gpu decodes JPEGs on the GPU but this rank runs on "
+                              f"{torch.device(device).type}; set data.decode=cpu or run on CUDA "
+                              f"(train.device=cuda)")
         train = FolderSplit(root / "train", spec, cfg.augment, device, cfg.workers,
-                            cfg.train_subset)
-        test = FolderSplit(root / "val", spec, False, device, cfg.workers, cfg.test_subset)
+                            cfg.train_subset, cfg.decode)
+        test = FolderSplit(root / "val", spec, False, device, cfg.workers, cfg.test_subset,
+                           cfg.decode)
         return train, test, spec
     if cfg.name == "synthetic":
         (xtr, ytr), (xte, yte) = _synthetic(cfg, spec)
@@ -44,15 +50,18 @@ def load_datasets(cfg: DataConfig, device: torch.device | str = "cpu"
         if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < spec.num_classes:
             raise DataError(f"{_where(root)}: labels outside 0..{spec.num_classes - 1}; "
                             f"the files are not {cfg.name}, replace them")
-    xtr, ytr = _first(xtr, ytr, cfg.train_subset)
-    xte, yte = _first(xte, yte, cfg.test_subset)
+    xtr, ytr = _subset(xtr, ytr, cfg.train_subset)
+    xte, yte = _subset(xte, yte, cfg.test_subset)
     train = TensorSplit(xtr, ytr, spec, augment, device, pad=pad)
     test = TensorSplit(xte, yte, spec, None, device)
     return train, test, spec
 
 
-def _first(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    return (x[:n], y[:n]) if n > 0 else (x, y)
+def _subset(x: torch.Tensor, y: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if n <= 0 or n >= len(y):
+        return x, y
+    keep = stratified_subset(y, n)
+    return x[keep], y[keep]
 
 
 def _read_idx(path: Path, magic: int) -> np.ndarray:

@@ -66,6 +66,9 @@ _SYNTHETIC_NOISE = 1.5
 
 # Tags that keep the order stream and the augmentation stream apart for equal (seed, epoch).
 _ORDER, _AUGMENTATION = 1, 2
+# The stream of data.train_subset / data.test_subset draws: fixed, so a subset holds the same
+# samples whatever train.seed is (a seed study then varies the weights and the order only).
+_SUBSET = 3
 
 
 def dataset_spec(cfg: DataConfig) -> DatasetSpec:

@@ -2,7 +2,9 @@
 order and the augmentation of batch b depend only on (seed, epoch, b), so a run resumed at batch b
 sees exactly the batches of an uninterrupted one. Small datasets live whole on the device as a
 `TensorSplit` and are augmented batch-wise there; ImageNet is read from disk by a `FolderSplit`
-through DataLoader workers."""
+through DataLoader workers that live as long as the split (data.workers), decoding JPEGs on the
+CPU in the workers or, with data.decode=gpu, on the training device in batches.
+`stratified_subset` draws data.train_subset / data.test_subset class by class."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pipemlaan.errors import DataError
-from pipemlaan.data.specs import _AUGMENTATION, _ORDER, DatasetSpec
+from pipemlaan.data.specs import _AUGMENTATION, _ORDER, _SUBSET, DatasetSpec
 
 
 def _mix(*parts: int) -> int:
@@ -31,6 +33,35 @@ def _mix(*parts: int) -> int:
 def _generator(*parts: int) -> torch.Generator:
     # Always a CPU generator: the same seed then gives the same draws on every device.
     return torch.Generator().manual_seed(_mix(*parts))
+
+
+def stratified_subset(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """The ascending indices of `n` samples drawn class by class (data.train_subset and
+    data.test_subset): each class keeps its share of the dataset (largest remainders) and, when
+    n is at least the number of classes, at least one sample. Which samples a class gives is a
+    seeded draw of its own, fixed whatever train.seed is. n <= 0 or n >= len(labels): all."""
+    total = len(labels)
+    if n <= 0 or n >= total:
+        return torch.arange(total)
+    labels = labels.cpu()
+    classes, counts = torch.unique(labels, return_counts=True)
+    exact = [n * int(c) / total for c in counts]
+    quota = [int(e) for e in exact]
+    by_remainder = sorted(range(len(quota)), key=lambda k: (quota[k] - exact[k], k))
+    for k in by_remainder[:n - sum(quota)]:
+        quota[k] += 1
+    if n >= len(quota):
+        for k in range(len(quota)):
+            if quota[k] == 0:      # a rare class: one sample from the class with the most
+                donor = max(range(len(quota)), key=lambda j: (quota[j], -j))
+                quota[donor] -= 1
+                quota[k] += 1
+    picked = []
+    for k, c in enumerate(classes.tolist()):
+        members = torch.nonzero(labels == c).flatten()
+        draw = torch.randperm(len(members), generator=_generator(_SUBSET, int(c)))
+        picked.append(members[draw[:quota[k]]])
+    return torch.cat(picked).sort().values
 
 
 def _shard_bounds(n: int, shard: tuple[int, int]) -> tuple[int, int]:
@@ -151,23 +182,32 @@ class TensorSplit(Split):
 
 
 class _SeededImages(torch.utils.data.Dataset):
-    """ImageFolder samples keyed by (index, augmentation seed or None).
+    """ImageFolder samples keyed by (index, augmentation seed or None); `indices` maps the
+    split's sample numbers to the folder's (a subset).
 
     Seeding the random transform per sample from (seed, epoch, batch, position) makes a resumed
     epoch repeat the crops of an uninterrupted one, whatever worker serves the sample.
+    decode=cpu: the worker decodes and transforms (PIL), returning the normalised image;
+    decode=gpu: the worker only reads the file's bytes, and `_GpuDecoder` does the rest.
     """
 
-    def __init__(self, folder, train_transform, eval_transform):
+    def __init__(self, folder, indices: list[int], train_transform, eval_transform,
+                 raw: bool = False):
         self.folder = folder
+        self.indices = indices
         self.train_transform = train_transform
         self.eval_transform = eval_transform
+        self.raw = raw
 
     def __len__(self) -> int:
-        return len(self.folder)
+        return len(self.indices)
 
     def __getitem__(self, key: tuple[int, int | None]):
         index, aug_seed = key
-        path, target = self.folder.samples[index]
+        path, target = self.folder.samples[self.indices[index]]
+        if self.raw:
+            from torchvision.io import read_file
+            return read_file(path), target, aug_seed
         image = self.folder.loader(path)
         if aug_seed is None:
             return self.eval_transform(image), target
@@ -177,13 +217,92 @@ class _SeededImages(torch.utils.data.Dataset):
             return self.train_transform(image), target
 
 
+def _packed(samples):
+    """decode=gpu: a batch's files, of different lengths, packed into one byte tensor and their
+    lengths (one shared-memory block to hand over, and to pin, instead of one per file)."""
+    data, targets, seeds = zip(*samples)
+    return (torch.cat(data), torch.tensor([len(d) for d in data]), torch.tensor(targets),
+            list(seeds))
+
+
+class _GpuDecoder:
+    """decode=gpu: a batch of JPEG files decoded at once by torchvision.io.decode_jpeg on the
+    split's device, then cropped, flipped and normalised there. The crop boxes and flips are
+    drawn from the same per-sample seeds, in the same order, as the CPU transforms', so both
+    paths cut the same boxes; the pixels differ only by the resampling (tensor resize with
+    antialiasing against PIL's), and the CPU path stays the reference."""
+
+    def __init__(self, spec: DatasetSpec, device: torch.device):
+        self.size = spec.image_size[0]
+        self.device = device
+        self.mean = torch.tensor(spec.mean, device=device).view(-1, 1, 1)
+        self.std = torch.tensor(spec.std, device=device).view(-1, 1, 1)
+
+    def __call__(self, data: list[torch.Tensor], seeds: list[int | None]) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+        from torchvision.transforms import RandomResizedCrop
+        from torchvision.transforms.v2 import functional as TF
+
+        try:
+            images = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            # a file that is not a baseline JPEG (ImageNet holds a few PNG and CMYK ones):
+            # decode the batch one by one, such files on the CPU
+            images = []
+            for d in data:
+                try:
+                    images.append(decode_jpeg(d, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError:
+                    images.append(decode_image(d, mode=ImageReadMode.RGB).to(self.device))
+        out = []
+        for image, seed in zip(images, seeds):
+            if seed is None:
+                image = TF.resize(image, [self.size * 256 // 224], antialias=True)
+                image = TF.center_crop(image, [self.size, self.size])
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    box = RandomResizedCrop.get_params(image, (0.08, 1.0), (3 / 4, 4 / 3))
+                    flip = bool(torch.rand(1) < 0.5)
+                image = TF.resized_crop(image, *box, [self.size, self.size], antialias=True)
+                if flip:
+                    image = image.flip(-1)
+            out.append(image)
+        x = torch.stack(out).float().div_(255)
+        return (x - self.mean) / self.std
+
+
+class _Plan:
+    """The batch sampler of a split's DataLoader: the batches of the current pass, replaced
+    before each pass. The sampler is read in the training process, so one loader, and its
+    workers, serve every run of steps and every evaluation of the run."""
+
+    def __init__(self):
+        self.batches: list[list] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
 class FolderSplit(Split):
-    """An ImageFolder tree (one sub-folder per class) read through DataLoader workers."""
+    """An ImageFolder tree (one sub-folder per class) read through DataLoader workers.
+
+    The workers start at the first pass and persist (with prefetching, and pinned memory on
+    CUDA) until the split is freed; one pass at a time: a new `batches` call ends the previous
+    pass. decode="gpu" decodes JPEGs on the split's device (`_GpuDecoder`); data.decode=gpu
+    needs a CUDA device (checked at start-up), tests run it on the CPU.
+    """
 
     def __init__(self, folder: str | Path, spec: DatasetSpec, augment: bool,
-                 device: torch.device | str = "cpu", workers: int = 4, subset: int = 0):
+                 device: torch.device | str = "cpu", workers: int = 4, subset: int = 0,
+                 decode: str = "cpu"):
         from torchvision import datasets, transforms
 
+        if decode not in ("cpu", "gpu"):
+            raise ValueError(f"decode must be 'cpu' or 'gpu', got {decode!r}")
         try:
             images = datasets.ImageFolder(str(folder))
         except (FileNotFoundError, OSError) as e:
@@ -198,12 +317,25 @@ class FolderSplit(Split):
         eval_tf = transforms.Compose([transforms.Resize(size * 256 // 224),
                                       transforms.CenterCrop(size),
                                       transforms.ToTensor(), normalise])
-        self.dataset = _SeededImages(images, train_tf, eval_tf)
+        indices = stratified_subset(torch.tensor(images.targets), subset).tolist()
         self.spec = spec
         self.augment = augment
         self.device = torch.device(device)
         self.workers = workers
-        self.num_samples = min(len(images), subset) if subset > 0 else len(images)
+        self.decode = decode
+        self.dataset = _SeededImages(images, indices, train_tf, eval_tf, raw=decode == "gpu")
+        self.num_samples = len(indices)
+        self._decoder = _GpuDecoder(spec, self.device) if decode == "gpu" else None
+        self._plan = _Plan()
+        self._loader = None
+        self._pass = 0
+
+    def _make_loader(self) -> torch.utils.data.DataLoader:
+        cuda = self.device.type == "cuda"
+        more = dict(persistent_workers=True, prefetch_factor=4) if self.workers > 0 else {}
+        return torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=self._plan, num_workers=self.workers, pin_memory=cuda,
+            collate_fn=_packed if self.decode == "gpu" else None, **more)
 
     def batches(self, batch_size: int, *, epoch: int, seed: int, train: bool,
                 start: int = 0, shard: tuple[int, int] = (0, 1),
@@ -218,8 +350,18 @@ class FolderSplit(Split):
                          for k, i in enumerate(idx)][lo:hi])
         if not plan:
             return
+        self._pass += 1
+        mine = self._pass
+        self._plan.batches = plan
+        if self._loader is None:
+            self._loader = self._make_loader()
         cuda = self.device.type == "cuda"
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=plan,
-                                             num_workers=self.workers, pin_memory=cuda)
-        for x, y in loader:
+        for got in self._loader:
+            if self._pass != mine:
+                return          # a newer pass took the workers over: this one has ended
+            if self._decoder is not None:
+                packed, lengths, y, seeds = got
+                x = self._decoder(list(packed.split(lengths.tolist())), seeds)
+            else:
+                x, y = got
             yield x.to(self.device, non_blocking=cuda), y.to(self.device, non_blocking=cuda)
