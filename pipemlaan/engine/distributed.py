@@ -8,8 +8,11 @@ buffers when ranks share a GPU (`choose_backend`), unless pipeline.backend says 
 from __future__ import annotations
 
 import os
+import socket
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -154,3 +157,44 @@ def agree(env: DistEnv, error: PipemlaanError | None) -> None:
             cls = {c.__name__: c for c in PipemlaanError.__subclasses__()}.get(e[0],
                                                                                 PipemlaanError)
             raise cls(f"rank {r}: {e[1]}")
+
+
+def check_shared_folder(env: DistEnv, folder: Path) -> None:
+    """On several nodes, run.dir must be one folder every node sees: every rank writes its
+    checkpoint files and metrics there, and a resumed run reads them back on whichever node.
+    Rank 0 writes a probe file there and every rank reads it back; if any cannot, every rank
+    raises one ConfigError naming those nodes. One node (torchrun's LOCAL_WORLD_SIZE equal to
+    the world, which every rank reads alike): nothing to check, and no collective."""
+    if not env.distributed or int(os.environ.get("LOCAL_WORLD_SIZE", env.world)) >= env.world:
+        return
+    node = f"node {os.environ.get('GROUP_RANK', '?')} ({socket.gethostname()})"
+    name = None
+    if env.rank == 0:
+        name = f".pipemlaan-probe-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / name).write_text(name)
+        except OSError as e:
+            name = f"!{e}"
+    name = broadcast(env, name)
+    if name.startswith("!"):
+        raise ConfigError(f"run.dir={str(folder)!r} cannot be written ({name[1:]}); point "
+                          f"run.dir at a writable folder shared by every node")
+    seen = False
+    for _ in range(5):        # a shared filesystem may show a new file a moment later
+        try:
+            seen = (folder / name).read_text() == name
+        except OSError:
+            seen = False
+        if seen:
+            break
+        time.sleep(1.0)
+    views = gather_all(env, (node, seen))
+    if env.rank == 0:
+        (folder / name).unlink(missing_ok=True)
+    blind = sorted({n for n, ok in views if not ok})
+    if blind:
+        raise ConfigError(f"run.dir={str(folder)!r} is not one folder shared by every node: "
+                          f"{', '.join(blind)} cannot see the file {views[0][0]} wrote there; "
+                          f"every rank writes checkpoints into run.dir, so point it at a "
+                          f"filesystem mounted at the same path on every node (NFS, Lustre, ...)")

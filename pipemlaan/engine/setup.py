@@ -18,7 +18,7 @@ import torch
 from pipemlaan import checkpoint_files as ckpt
 from pipemlaan.config import Config, to_toml, validate_world
 from pipemlaan.data import dataset_spec, load_datasets, validate_data
-from pipemlaan.engine.distributed import DistEnv, agree, broadcast
+from pipemlaan.engine.distributed import DistEnv, agree, broadcast, check_shared_folder
 from pipemlaan.engine.lam import LamSync
 from pipemlaan.engine.p2p import Transport, StepClock
 from pipemlaan.engine.costs import predicted_seconds
@@ -100,6 +100,7 @@ def build(cfg: Config, env: DistEnv) -> Setup:
     except PipemlaanError as e:
         error = e
     agree(env, error)
+    check_shared_folder(env, Path(cfg.run.dir))
     D = cfg.pipeline.replicas
     image_shape = (spec.in_channels, *spec.image_size)
     shapes = output_shapes(all_modules, image_shape)
