@@ -8,6 +8,7 @@ compute or file is written, and raises `ConfigError` with one line naming the fi
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import sys
 import tomllib
@@ -18,10 +19,15 @@ from typing import Any
 import torch
 
 from pipemlaan.errors import ConfigError
-from pipemlaan.models import num_blocks
+from pipemlaan.models import features, num_blocks, registered_names
 
-MODELS = ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-          "resnet34", "resnet101", "resnet152")
+
+def models() -> tuple[str, ...]:
+    """The registered model names (models/registry.py; the CIFAR ResNets match resnetD for
+    any depth 6n+2 besides)."""
+    return tuple(registered_names())
+
+
 METHODS = ("bp", "dgl", "infopro", "linear")
 DATASETS = ("fashion_mnist", "cifar10", "svhn", "stl10", "imagenet", "synthetic")
 MODES = ("lockstep", "async")
@@ -36,7 +42,11 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class ModelConfig:
     name: str = _f("resnet20", "backbone: CIFAR ResNets resnet8/14/20/32/44/56/110 (any 6n+2 "
-                   "depth as resnetD) or ImageNet resnet34/101/152")
+                   "depth as resnetD), ImageNet resnet34/101/152, Vision Transformers "
+                   "vit_micro/vit_tiny/vit_small (patch 4) and vit_b_16, or a name registered "
+                   "with pipemlaan.models.register (docs/backbones.md)")
+    plugin: str = _f("", "Python module imported before model.name is looked up, on every "
+                     "rank: it registers the user's own backbones (docs/backbones.md)")
     K: int = _f(4, "number of local modules, paper numbering: K = blocks + 1 puts the stem in a "
                 "module of its own; smaller K merges the stem into the first module")
     width: int = _f(16, "channels of the first CIFAR stage (16 in the paper); stages double it")
@@ -76,6 +86,8 @@ class MethodConfig:
     leap_init: str = _f("auto", "auto | copy | fresh: leap copies start equal to the blocks "
                         "they copy, or freshly initialised, the twin drawn separately (auto: "
                         "fresh for ImageNet ResNets, copy for CIFAR, as the reference)")
+    token_pool: str = _f("mean", "token features (ViTs): how the auxiliary heads pool the "
+                         "tokens: mean (over all tokens) or cls (the class token)")
     head_width: int = _f(0, "heads=reference: feature width of the dgl/infopro heads (0 = 128); "
                          "heads=compact: their hidden width (0 = the module's channels)")
 
@@ -360,7 +372,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 def validate(cfg: Config) -> None:
     """Checks that need no data or process group; raises ConfigError naming the fix."""
     m, meth, d, t, p = cfg.model, cfg.method, cfg.data, cfg.train, cfg.pipeline
+    if m.plugin:
+        try:
+            importlib.import_module(m.plugin)
+        except ImportError as e:
+            raise ConfigError(f"model.plugin={m.plugin!r} cannot be imported ({e}); put its "
+                              f"folder on PYTHONPATH or run from it") from None
     blocks = num_blocks(m.name)
+    if features(m.name) == "tokens" and meth.name == "infopro":
+        raise ConfigError(f"method.name=infopro reconstructs the image from feature maps, but "
+                          f"{m.name} gives tokens and has no sound token decoder; use "
+                          f"method.name=dgl or linear")
     if meth.name not in METHODS:
         raise ConfigError(f"method.name={meth.name!r} is unknown; use one of {', '.join(METHODS)}")
     if d.name not in DATASETS:
@@ -398,6 +420,7 @@ def validate(cfg: Config) -> None:
                                 ("method.infopro_ratio", meth.infopro_ratio,
                                  ("auto", "stage", "module")),
                                 ("method.leap_init", meth.leap_init, ("auto", "copy", "fresh")),
+                                ("method.token_pool", meth.token_pool, ("mean", "cls")),
                                 ("train.compile", t.compile, ("off", "on", "auto")),
                                 ("data.decode", d.decode, ("cpu", "gpu")),
                                 ("pipeline.emulate_delay", p.emulate_delay,

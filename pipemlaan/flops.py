@@ -41,8 +41,20 @@ GPU_PEAKS = [
 PRECISIONS = ("bf16", "tf32", "fp32")
 
 
-def layer_macs(layer: nn.Module, out: torch.Tensor) -> int:
-    """Multiply-adds of one convolution or linear layer that produced `out` (0 otherwise)."""
+def layer_macs(layer: nn.Module, out) -> int:
+    """Multiply-adds of one convolution, linear or attention layer that produced `out` (0
+    otherwise). nn.MultiheadAttention (a ViT's, torchvision's EncoderBlock) runs its
+    projections from its own weights, not through its `out_proj` module, so it is counted
+    here as a whole: the q, k, v and output projections and the two attention products
+    (Q K^T, weights x V), assuming self-attention (keys as many as queries); the softmax is
+    not counted (bandwidth, as batch norm). `out` may be the layer's output tuple."""
+    if isinstance(out, tuple):
+        out = out[0]
+    if isinstance(layer, nn.MultiheadAttention):
+        e = layer.embed_dim
+        tokens = out.numel() // e
+        length = out.shape[1] if layer.batch_first else out.shape[0]
+        return tokens * e * (2 * e + layer.kdim + layer.vdim + 2 * length)
     if isinstance(layer, nn.Conv2d):
         k = layer.kernel_size[0] * layer.kernel_size[1]
         return out.numel() * (layer.in_channels // layer.groups) * k
@@ -68,11 +80,11 @@ def module_training_flops(module, x: torch.Tensor, images: torch.Tensor
     counted = {"trained": 0, "forward_only": 0}
 
     def hook(layer, _inp, out):
-        if torch.is_tensor(out):
+        if torch.is_tensor(out) or isinstance(out, tuple):
             counted["trained" if _trains(layer) else "forward_only"] += layer_macs(layer, out)
 
     layers = [m for m in module.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d,
-                                                            nn.Linear))]
+                                                            nn.Linear, nn.MultiheadAttention))]
     handles = [m.register_forward_hook(hook) for m in layers]
     modes = [(m, m.training) for m in module.modules()]
     device = next(module.parameters()).device

@@ -8,9 +8,11 @@ partition moved with the load: two runs of one command trained different pipelin
 
 Per image, for a module's body and its heads (g, h: leap copies included), one forward pass
 at batch 1 on the host counts
-  - multiply-adds of every convolution and linear layer;
+  - multiply-adds of every convolution and linear layer, and of every attention layer as a
+    whole (its projections and the two attention products: flops.layer_macs);
   - elements written by every leaf layer (convolution, batch norm, ReLU, pooling, ...): the
-    memory traffic that dominates the cheap layers;
+    memory traffic that dominates the cheap layers (an attention layer counts its output,
+    not its L x L attention weights);
   - leaf layers run: a fixed cost per operator (kernel launch, dispatcher).
 A training step runs each forward, then a backward that costs about twice as much (gradients of
 inputs and of weights), so step seconds = 3 x (2 x MACs / F + 4 bytes x elements / B + ops x L)
@@ -40,7 +42,7 @@ CALIBRATION = {
 
 _LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.AdaptiveAvgPool2d,
            nn.AvgPool2d, nn.MaxPool2d, nn.Upsample, nn.ConvTranspose2d, nn.Sigmoid, nn.Dropout,
-           nn.Flatten, nn.LayerNorm, nn.GELU)
+           nn.Flatten, nn.LayerNorm, nn.GELU, nn.MultiheadAttention)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,8 @@ def count_module_costs(modules, image_shape: tuple[int, ...]) -> list[ModuleCost
     totals = {"macs": 0, "elements": 0, "ops": 0}
 
     def hook(layer, _inp, out):
+        if isinstance(out, tuple):      # nn.MultiheadAttention: (output, weights or None)
+            out = out[0]
         if torch.is_tensor(out):
             totals["macs"] += layer_macs(layer, out)
             totals["elements"] += out.numel()

@@ -173,7 +173,7 @@ class Stage:
                         labels: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
         mod = self.modules[k]
         inp = x.detach()
-        if self._channels_last:
+        if self._channels_last and inp.dim() == 4:     # token activations (ViTs) are 3-D
             inp = inp.contiguous(memory_format=torch.channels_last)
         if self.plan.needs_input_grad(k):
             inp.requires_grad_(True)

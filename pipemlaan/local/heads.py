@@ -172,7 +172,7 @@ class LeapHead(nn.Module):
         self.twin = copy.deepcopy(blocks[0])
         self.twin.requires_grad_(False)
         for m in self.twin.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.momentum = 0.0   # its running statistics follow the live block by EMA only
         self.classifier = classifier
 

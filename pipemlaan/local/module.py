@@ -21,6 +21,9 @@ a single module whose h is the classifier.
   leap head classifier           the variant's g head on the leap output (DGL*, InfoPro*),
                                  LinearHead for the plain MLAAN variant (linear)
 With "compact": DGLHead / InfoProHead(DGLHead) as g, LinearHead after every leap network.
+Backbones of token features (ViTs; models/registry.py features="tokens"): TokenHead as g and
+at the end of leap networks, TokenLinearHead for linear and after compact leap networks
+(local/token_heads.py); InfoPro is refused (no token decoder).
 
 `build_local_modules` builds the full network on every rank from the seed, so every rank holds
 identical initial weights; LAM copies equal the live blocks they copy, unless
@@ -39,7 +42,8 @@ from pipemlaan.config import Config
 from pipemlaan.data import DatasetSpec
 from pipemlaan.local.heads import (AuxDGLHead, ClassifierHead, ConvFCHead, DGLHead,
                                    ImageNetAuxHead, InfoProHead, LeapHead, LinearHead)
-from pipemlaan.models import build_backbone, num_blocks, parse_model_name, zero_last_bn_default
+from pipemlaan.local.token_heads import TokenHead, TokenLinearHead
+from pipemlaan.models import build_backbone, family, features, num_blocks, zero_last_bn_default
 from pipemlaan.models.resnet import Backbone, BasicBlock, init_weights
 from pipemlaan.models.split import lam_copies, module_ranges
 
@@ -147,7 +151,7 @@ def _classifier(cfg: Config, spec: DatasetSpec, backbone: Backbone, cin: int) ->
     m, classes = cfg.method, spec.num_classes
     if m.heads == "compact":
         return DGLHead(cin, classes, m.head_width or cin)
-    if parse_model_name(backbone.name)[0] == "imagenet":
+    if family(backbone.name) == "imagenet":
         basic = isinstance(backbone.blocks[1], BasicBlock)
         return ImageNetAuxHead(cin, classes, 2 * cin if basic and cin < 256 else 0)
     if m.name == "dgl" and (m.mlm or m.lam):
@@ -160,6 +164,10 @@ def _head(cfg: Config, spec: DatasetSpec, backbone: Backbone, cin: int,
           infopro_w: tuple[float, float]) -> nn.Module:
     """The variant's head on `cin` channels: a module's g, or what ends its leap network."""
     m = cfg.method
+    if features(backbone.name) == "tokens":     # infopro is refused by config validation
+        if m.name == "linear":
+            return TokenLinearHead(cin, spec.num_classes, m.token_pool)
+        return TokenHead(cin, spec.num_classes, m.head_width, m.token_pool)
     if m.name == "linear":
         return LinearHead(cin, spec.num_classes)
     cls = _classifier(cfg, spec, backbone, cin)
@@ -191,9 +199,26 @@ def infopro_weights(cfg: Config, backbone: Backbone, K: int, i: int, last_block:
     return r0 + (r1 - r0) * ratio, c0 + (c1 - c0) * ratio
 
 
+def _linear_head(cfg: Config, spec: DatasetSpec, backbone: Backbone, cin: int) -> nn.Module:
+    if features(backbone.name) == "tokens":
+        return TokenLinearHead(cin, spec.num_classes, cfg.method.token_pool)
+    return LinearHead(cin, spec.num_classes)
+
+
+def _reinit(backbone: Backbone, part: nn.Module, zero_last_bn: bool) -> None:
+    """Fresh weights for leap copies: the ResNets' initialisation, else every layer's own
+    `reset_parameters` (a ViT's linear layers, attention and norms; a user's layers)."""
+    if family(backbone.name) in ("cifar", "imagenet"):
+        init_weights(part, zero_last_bn)
+        return
+    for m in part.modules():
+        if m is not part and hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
 def _fresh_leap(cfg: Config) -> bool:
     if cfg.method.leap_init == "auto":
-        return parse_model_name(cfg.model.name)[0] == "imagenet"
+        return family(cfg.model.name) == "imagenet"
     return cfg.method.leap_init == "fresh"
 
 
@@ -217,7 +242,7 @@ def _build(cfg: Config, spec: DatasetSpec) -> tuple[Backbone, list[LocalModule]]
     torch.manual_seed(cfg.train.seed)
     zero_last_bn = _zero_last_bn(cfg)
     backbone = build_backbone(cfg.model.name, spec.in_channels, spec.num_classes,
-                              cfg.model.width, zero_last_bn)
+                              cfg.model.width, zero_last_bn, spec.image_size)
     K = 1 if cfg.method.name == "bp" else cfg.model.K
     ranges = module_ranges(backbone, K)
     plan = window_plan(cfg, K)
@@ -236,13 +261,13 @@ def _build(cfg: Config, spec: DatasetSpec) -> tuple[Backbone, list[LocalModule]]
             if cfg.method.lam:
                 src = lam_copies(backbone, ranges, i)
                 leap_out = backbone.info[src[-1]].out_channels
-                classifier = (LinearHead(leap_out, spec.num_classes)
+                classifier = (_linear_head(cfg, spec, backbone, leap_out)
                               if cfg.method.heads == "compact"
                               else _head(cfg, spec, backbone, leap_out, weights))
                 h = LeapHead([backbone.blocks[b] for b in src], classifier)
                 if _fresh_leap(cfg):    # the reference ImageNet code re-initialises them
                     for part in (h.copies, h.twin):
-                        init_weights(part, zero_last_bn)
+                        _reinit(backbone, part, zero_last_bn)
                 twin_source = src[0]
             else:
                 h = _head(cfg, spec, backbone, cout, weights)

@@ -12,7 +12,11 @@ reference tables.
 LAM copies (module i's leap network) come from the reference tables where they exist. The
 **general rule** otherwise: the first block of every stage that starts after module i ends,
 then the network's last block; the first copied block is the one with the EMA twin. Because
-a stage's first block takes the previous stage's channels, the copies always chain.
+a stage's first block takes the previous stage's channels, the copies always chain. A
+backbone of one stage (a ViT's encoder layers, any network whose blocks keep their shape)
+has no stage boundary downstream: its leap network is the **next block** (with the EMA twin)
+and the network's last block, so LAM copies "the following layers" of a transformer at the
+cost of at most two blocks.
 """
 
 from __future__ import annotations
@@ -74,6 +78,8 @@ def lam_copies(backbone: Backbone, ranges: list[Range], i: int) -> list[int]:
     if entry is not None:
         return [backbone.flat_index(s, b) for s, b in entry]
     end = ranges[i][1]
+    if len(backbone.stage_sizes) == 1:
+        return sorted({end + 1, n})
     firsts = [backbone.flat_index(s + 1, 0) for s in range(len(backbone.stage_sizes))]
     copies = [f for f in firsts if f > end and f != n]
     return copies + [n]
