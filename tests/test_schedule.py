@@ -1,9 +1,10 @@
 """The pipeline schedule is safe by construction: replayed under NCCL's and gloo's rules
 (engine/simulate.py), every rank's action list runs to its end, every message meets the
 receive that expects it, and nothing is used before it arrives, for every supported shape:
-lockstep and async with 1-3 batches in flight, 2-4 stages, every method, windows 2 and 3,
-replicas 1 and 2, LAM sync every 1 or 2 steps, evaluation, fill and drain, mid-epoch
-checkpoints, and a resumed run. sync_bn adds all-reduces only inside a stage's compute segments,
+lockstep and async with 1-3 batches in flight, 2-4 stages (K=8), every method, windows 2 and 3,
+replicas 1 and 2, LAM sync every 1 or 2 steps; 5 and 8 stages (K=16: DGL, DGL+MLM,
+DGL+MLAAN, InfoPro+MLAAN, windows 2 and 3, replicas 1 and 2, LAM sync every step); evaluation,
+fill and drain, mid-epoch checkpoints, and a resumed run. sync_bn adds all-reduces only inside a stage's compute segments,
 which the schedule already marks as collectives on the stage's replica group (every replica
 runs them in the same order, with no point-to-point operation between them), so the replica
 cases cover it. The negative control: the order the trainer
@@ -89,6 +90,44 @@ def test_every_shape_is_deadlock_free_under_nccl_and_gloo(mode):
                                f"lam_every={lam_every}: {res.describe()}"
                 checked += 1
     assert checked > 100
+
+
+_deep_cache: dict = {}
+
+
+def deep_spec(method, window, stages, replicas, lockstep, in_flight) -> PipeSpec:
+    """The docs' deep shapes: ResNet-32 cut into K=16 modules over 5-8 stages."""
+    key = (method, window)
+    if key not in _deep_cache:
+        cfg = load_config(None, [*METHODS[method], "--data.name=synthetic",
+                                 "--data.synthetic_image=[3,8,8]", "--model.name=resnet32",
+                                 "--model.K=16", f"--method.window={window}"])
+        _, modules = build_local_modules(cfg, dataset_spec(cfg.data))
+        _deep_cache[key] = (window_plan(cfg, len(modules)), modules)
+    plan, modules = _deep_cache[key]
+    parts = balanced_partition([1.0] * len(modules), stages, window_spans(plan))
+    placement = Placement.of(parts, replicas, modules, False)
+    return pipe_spec(plan, placement, lockstep=lockstep, in_flight=in_flight, lam_every=1,
+                     total_steps=TOTAL)
+
+
+@pytest.mark.parametrize("mode", ["lockstep", "async-1", "async-2", "async-3"])
+def test_deep_pipelines_are_deadlock_free(mode):
+    """5 and 8 stages (K=16), as docs/distributed.md launches: 2 replicas of 8 stages on two
+    8-GPU nodes, 16 stages' worth of ranks in all."""
+    lockstep = mode == "lockstep"
+    in_flight = 1 if lockstep else int(mode.split("-")[1])
+    checked = 0
+    for method, window in (("dgl", 2), ("dgl+mlaan", 2), ("dgl+mlaan", 3),
+                           ("infopro+mlaan", 2), ("dgl+mlm", 3)):
+        for stages, replicas in itertools.product((5, 8), (1, 2)):
+            spec = deep_spec(method, window, stages, replicas, lockstep, in_flight)
+            for rules in ("nccl", "gloo"):
+                res = simulate_run(spec, events(), eval_batches=3, rules=rules)
+                assert res.ok, f"{method} W={window} {stages}x{replicas} {mode}: " \
+                               f"{res.describe()}"
+                checked += 1
+    assert checked == 40
 
 
 def test_the_shapes_exercise_gradients_lam_and_replicas():
