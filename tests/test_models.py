@@ -232,3 +232,27 @@ def test_lam_general_rule(name, K):
                 y = b.blocks[c](y)
         assert y.shape[1] == b.info[b.num_blocks].out_channels
     assert lam_copies(b, ranges, K - 1) == []
+
+
+@pytest.mark.parametrize("name,blocks", [("resnet18", 8), ("resnet50", 16)])
+def test_resnet18_and_resnet50_train_a_step(name, blocks):
+    """The ImageNet ResNets outside the paper's tables are accepted, so they must work: their
+    block counts, and one DGL+MLAAN step of every module at a tiny shape changes each module's
+    weights and gives finite outputs."""
+    from pipemlaan.config import load_config
+    from pipemlaan.data import dataset_spec
+    from pipemlaan.engine.stage import Stage
+    from pipemlaan.local.module import build_local_modules, window_plan
+
+    assert build_backbone(name, 3, 10).num_blocks == blocks
+    cfg = load_config(None, ["--data.name=synthetic", "--data.synthetic_image=[3,64,64]",
+                             f"--model.name={name}", "--model.K=4", "--train.device=cpu"])
+    torch.manual_seed(0)
+    _, mods = build_local_modules(cfg, dataset_spec(cfg.data))
+    before = [[p.detach().clone() for p in m.parameters()] for m in mods]
+    stage = Stage(cfg, mods, window_plan(cfg, len(mods)), torch.device("cpu"))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    out, upstream = stage.train_step(0, 0.1, x, torch.tensor([1, 7]), None)
+    assert torch.isfinite(out).all() and upstream == []
+    for m, old in zip(mods, before):
+        assert any(not torch.equal(p, q) for p, q in zip(m.parameters(), old)), m.index
