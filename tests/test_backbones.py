@@ -11,8 +11,8 @@ process and as a lockstep pipeline.
 - the residual MLP of docs/backbones.md (its code block, run as written) registers through
   `model.plugin`, trains in one process and as a 2-rank lockstep pipeline equal to it;
 - vit_micro with DGL+MLAAN on Fashion-MNIST shapes: a 2-rank lockstep pipeline equals one
-  process (losses of every module at every step, every parameter, within 1e-5); one torchrun
-  launch trains it pipelined (slow).
+  process (losses of every module at every step, every parameter, within 1e-5);
+- a torchrun launch imports `model.plugin` on every rank and trains the user's network (slow).
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q -p no:xdist tests/test_backbones.py
 """
@@ -40,6 +40,7 @@ from pipemlaan.models.split import lam_copies, module_ranges
 from pipemlaan.models.vit import vit_backbone
 
 from inprocess import run_ranks
+from launching import launch_env, run_to_end, train_cmd, unique_name
 from runs import RunOutputs, assert_losses_match, assert_params_match
 
 REPO = Path(__file__).resolve().parents[1]
@@ -184,3 +185,19 @@ def test_vit_lockstep_pipeline_equals_one_process(tmp_path):
     assert two.summary()["partition"] == [2, 2]
     assert_losses_match(one, two, STEPS, 4)
     assert_params_match(one, two, 4)
+
+
+@pytest.mark.slow
+def test_torchrun_imports_the_plugin_on_every_rank_and_trains(tmp_path, resmlp_plugin):
+    """`model.plugin` as docs/backbones.md launches it: the user's module is imported by
+    every rank's process (not only by this one), and the 2-rank pipeline trains."""
+    name = unique_name("resmlp")
+    folder = next(p for p in sys.path if (Path(p) / "resmlp.py").is_file())
+    cmd = train_cmd(2, [*FMNIST_SHAPE, f"--model.plugin={resmlp_plugin}", "--model.name=resmlp",
+                        "--model.K=3", *SHORT, "--train.max_steps=3",
+                        f"--run.dir={tmp_path}", f"--run.name={name}"])
+    env = launch_env(COLUMNS="1000", PYTHONPATH=f"{folder}:{REPO}")
+    proc = run_to_end(cmd, tmp_path / "launch", name, env=env)
+    assert proc.popen.returncode == 0, proc.describe()
+    summary = Run(name, tmp_path / name).summary()
+    assert summary["world_size"] == 2 and summary["steps"] == 3
