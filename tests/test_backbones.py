@@ -8,6 +8,8 @@ process and as a lockstep pipeline.
 - token heads, leap copies of the following encoder layers with their EMA twin, windows;
   attention is counted in the costs;
 - InfoPro on tokens is refused with one line naming why; unknown names list the registry;
+- a user's network of feature maps gets the ResNet heads (dgl, infopro, linear) and the
+  general LAM rule over its stages;
 - the residual MLP of docs/backbones.md (its code block, run as written) registers through
   `model.plugin`, trains in one process and as a 2-rank lockstep pipeline equal to it;
 - vit_micro with DGL+MLAAN on Fashion-MNIST shapes: a 2-rank lockstep pipeline equals one
@@ -35,7 +37,7 @@ from pipemlaan.errors import ConfigError
 from pipemlaan.local.heads import LeapHead
 from pipemlaan.local.module import build_local_modules, ema_update, block_state
 from pipemlaan.local.token_heads import TokenHead
-from pipemlaan.models import build_backbone, lookup, num_blocks
+from pipemlaan.models import Backbone, BlockInfo, build_backbone, lookup, num_blocks, register
 from pipemlaan.models.split import lam_copies, module_ranges
 from pipemlaan.models.vit import vit_backbone
 
@@ -161,6 +163,41 @@ class Run(RunOutputs):
 def _run(tmp_path: Path, name: str, args: list[str], ranks: int) -> Run:
     run_ranks([*args, *SHORT, f"--run.dir={tmp_path}", f"--run.name={name}"], ranks)
     return Run(name, tmp_path / name)
+
+
+def _tiny_conv(args):
+    """A user's network of feature maps: a conv stem and two stages of conv blocks."""
+    def block(cin, cout, stride):
+        return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1),
+                                   torch.nn.BatchNorm2d(cout), torch.nn.ReLU())
+    c = args.in_channels
+    blocks = [block(c, 8, 1), block(8, 8, 1), block(8, 8, 1), block(8, 16, 2), block(16, 16, 1)]
+    info = [BlockInfo(0, 0, c, 8, 1), BlockInfo(1, 0, 8, 8, 1), BlockInfo(1, 1, 8, 8, 1),
+            BlockInfo(2, 0, 8, 16, 2), BlockInfo(2, 1, 16, 16, 1)]
+    classifier = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                     torch.nn.Linear(16, args.num_classes))
+    return Backbone("tinyconv", blocks, info, classifier, [2, 2])
+
+
+@pytest.mark.parametrize("method", ["dgl+mlaan", "infopro+mlaan", "linear+lam"])
+def test_a_user_network_of_feature_maps_gets_the_resnet_heads(method):
+    register("tinyconv", _tiny_conv, num_blocks=4)
+    cfg = load_config(None, [*FMNIST_SHAPE, "--model.name=tinyconv", "--model.K=3",
+                             *method_flags(method)])
+    bb, mods = build_local_modules(cfg, dataset_spec(cfg.data))
+    # general LAM rule: module 1 (block 2) copies stage 2's first block (3) and the last (4)
+    assert [m.block_range for m in mods] == [(0, 1), (2, 2), (3, 4)]
+    assert mods[1].twin_source == 3 and len(mods[1].h.copies) == 2
+    x = images = torch.randn(4, 1, 28, 28)
+    labels = torch.tensor([0, 1, 2, 3])
+    for m in mods:
+        x = m.body(x)
+        for head in (m.g, m.h):
+            if head is not None:
+                loss, logits = head(x, labels, images)
+                loss.backward(retain_graph=True)
+                assert logits.shape == (4, 10) and torch.isfinite(loss)
+    assert all(p.grad is not None for p in mods[0].body.parameters())
 
 
 @pytest.mark.slow
