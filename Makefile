@@ -5,9 +5,14 @@ NPROC ?= 2
 
 .PHONY: setup data run test test-fast bench bench-gpus soak profile gpu-check clean
 
+# pyproject.toml accepts a range of torch releases; the tests run on this one, installed first
+# so that `pip install -e` keeps it (already there: pip changes nothing, offline).
+TORCH_TESTED := torch==2.14.1 torchvision==0.29.1
+
 .venv/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_TESTED)
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $@
 

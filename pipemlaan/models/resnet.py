@@ -79,12 +79,13 @@ class Classifier(nn.Module):
 
 @dataclass
 class Backbone:
-    """The whole network: blocks[0] is the stem, blocks[1:] the residual blocks in order."""
+    """The whole network: blocks[0] is the stem, blocks[1:] the blocks in order (residual
+    blocks here; any registered network returns one: models/registry.py)."""
 
     name: str
     blocks: list[nn.Module]
     info: list[BlockInfo]
-    classifier: Classifier
+    classifier: nn.Module       # the last block's output -> logits (Classifier for ResNets)
     stage_sizes: list[int]
 
     @property
