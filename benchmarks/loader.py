@@ -138,6 +138,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS)
     a = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if "gpu" in a.decode.split(",") and device.type != "cuda":
+        p.error("--decode gpu decodes on the GPU, and this machine has none; use --decode cpu")
     load_before = os.getloadavg()[0]      # a shared machine: say how busy it was
     rows = []
     with tempfile.TemporaryDirectory(prefix="pipemlaan-loader-") as tmp:
