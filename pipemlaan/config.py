@@ -19,15 +19,9 @@ from typing import Any
 import torch
 
 from pipemlaan.errors import ConfigError
-from pipemlaan.models import features, num_blocks, registered_names
+from pipemlaan.models import features, num_blocks
 
-
-def models() -> tuple[str, ...]:
-    """The registered model names (models/registry.py; the CIFAR ResNets match resnetD for
-    any depth 6n+2 besides)."""
-    return tuple(registered_names())
-
-
+# model names come from the registry (pipemlaan.models.register, models/registry.py)
 METHODS = ("bp", "dgl", "infopro", "linear")
 DATASETS = ("fashion_mnist", "cifar10", "svhn", "stl10", "imagenet", "synthetic")
 MODES = ("lockstep", "async")
