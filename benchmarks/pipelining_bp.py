@@ -36,7 +36,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from pipemlaan.engine.partition import balanced_partition, stage_bounds  # noqa: E402
 from pipemlaan.errors import ConfigError  # noqa: E402
-from pipemlaan.models import build_backbone, parse_model_name  # noqa: E402
+from pipemlaan.models import build_backbone, lookup  # noqa: E402
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
 
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None, world: int) -> argparse.Namespace:
     a = p.parse_args(argv)
 
     try:
-        parse_model_name(a.model)
+        lookup(a.model)
     except ConfigError as e:
         raise UsageError(f"--model: {e}") from None
     try:
@@ -206,7 +206,7 @@ def describe_split(counts: list[int], costs: list[float] | None, n_items: int) -
 def run(args, rank: int, world: int, device: torch.device) -> dict | None:
     torch.manual_seed(args.seed)
     c, h, w = args.image
-    backbone = build_backbone(args.model, c, args.classes)
+    backbone = build_backbone(args.model, c, args.classes, image_size=(h, w))
     items = [*backbone.blocks, backbone.classifier]
     counts, costs = choose_split(args, items, world, rank, device)
     if rank == 0:

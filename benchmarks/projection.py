@@ -263,7 +263,8 @@ def bp_stage_times(cfg: Config, spec: DatasetSpec, stages: int, micro: int,
     count), one micro-batch, each stage alone on the device, in the run's precision and
     memory format (what torch.distributed.pipelining's stages would run)."""
     torch.manual_seed(0)
-    bb = build_backbone(cfg.model.name, spec.in_channels, spec.num_classes)
+    bb = build_backbone(cfg.model.name, spec.in_channels, spec.num_classes,
+                        image_size=spec.image_size)
     items = [*bb.blocks, bb.classifier]
     costs = [sum(p.numel() for p in it.parameters()) + 1.0 for it in items]
     counts = balanced_partition(costs, stages)
