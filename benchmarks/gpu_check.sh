@@ -107,7 +107,8 @@ limited 110 $PY -m benchmarks.table3 "${TABLE[@]}" --device $DEV \
 pack
 
 step "4/7 the 4-rank DGL+MLAAN pipeline sharing one device against the single process (${BIG[*]}, bf16)"
-limited 100 $PY -m benchmarks.throughput --device $DEV --ranks 1,4 --methods dgl+mlaan \
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} \
+  limited 100 $PY -m benchmarks.throughput --device $DEV --ranks 1,4 --methods dgl+mlaan \
     "${BIG[@]}" "${STEPS[@]}" --repeats 1 --variants "bf16=" --timeout 90 --name shared
 pack
 
