@@ -34,7 +34,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 # label -> (config file, ranks: 1 = one process, None = --ranks, program)
 CONFIGS = {
-    "BP, 1 process": ("configs/fmnist_bp_cpu.toml", 1, None),
+    "BP one process": ("configs/fmnist_bp_cpu.toml", 1, None),
     "BP DDP": ("configs/fmnist_bp_cpu.toml", None, ["-m", "benchmarks.ddp_bp"]),
     "DGL pipeline": ("configs/fmnist_dgl_cpu.toml", None, None),
     "DGL+MLAAN pipeline": ("configs/fmnist_mlaan_cpu.toml", None, None),
@@ -48,7 +48,8 @@ def run(args, label: str, seed: int, workdir: Path) -> dict:
     tag = f"{label.replace(', ', '-').replace(' ', '_').replace('+', '_')}-s{seed}"
     flags = ["--config", config, f"--train.epochs={args.epochs}", f"--train.seed={seed}",
              f"--train.threads={threads}", f"--train.eval_every_steps={args.eval_every}",
-             f"--data.train_subset={args.train_subset}", f"--run.dir={workdir}",
+             f"--data.train_subset={args.train_subset}",
+             f"--data.test_subset={args.test_subset}", f"--run.dir={workdir}",
              f"--run.name={tag}", "--run.overwrite=true", "--run.progress=false",
              "--run.log_every=50", "--pipeline.mode=async", "--run.tensorboard=false"]
     launch.run(launch.train_command(ranks, flags, program=program), launch.run_env(threads),
@@ -90,8 +91,9 @@ def report(args, rows: list[dict], stamp: str, argv: list[str]) -> Path:
     lines = [f"# Time to test error, Fashion-MNIST, {stamp}", "",
              f"Command: `python -m benchmarks.time_to_accuracy {' '.join(argv)}`", "",
              f"ResNet-20 (K=4 for local methods), configs/fmnist_*_cpu.toml, {args.epochs} "
-             f"epoch(s) of {args.train_subset or 60000} training images, evaluated on the "
-             f"10,000 test images every {args.eval_every} steps and at epoch ends; seeds "
+             f"epoch(s) of {args.train_subset or 60000} training images, evaluated on "
+             f"{args.test_subset or 10000} test images every {args.eval_every} steps and at "
+             f"epoch ends; seeds "
              f"{', '.join(map(str, args.seeds))}; {machine['cpus']} CPU cores shared out "
              f"among the ranks; torch {machine['torch']}; {machine['platform']}.", "",
              f"| configuration | ranks x threads | {heads} | final error % | training s | "
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="15,12", help="test errors to reach (%%), comma-separated")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--train-subset", type=int, default=20000, help="0: all 60,000 images")
+    p.add_argument("--test-subset", type=int, default=0,
+                   help="evaluate on N test images drawn class by class (0: all 10,000)")
     p.add_argument("--eval-every", type=int, default=40, help="steps between evaluations")
     p.add_argument("--ranks", type=int, default=2, help="ranks of DDP and of the pipelines")
     p.add_argument("--seeds", default="0,1")

@@ -47,22 +47,7 @@ def test_two_nodes_equal_single_process(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
 
-    port = _free_port()
-    procs = []
-    try:
-        for node in (0, 1):
-            node_env = {**env, "NNODES": "2", "NODE_RANK": str(node),
-                        "RDZV": f"127.0.0.1:{port}", "RUN_ID": f"test{port}"}
-            procs.append(subprocess.Popen(
-                ["bash", str(REPO / "launch" / "multi_node.sh"), "2", CONFIG, *TINY,
-                 f"--run.dir={tmp_path}", "--run.name=nodes"], cwd=REPO, env=node_env,
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                start_new_session=True))
-        outputs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+    procs, outputs = _two_nodes(tmp_path, [tmp_path, tmp_path], "nodes")
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-3000:]
 
