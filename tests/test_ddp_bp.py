@@ -13,6 +13,8 @@ import math
 
 import pytest
 
+from benchmarks.ddp_bp import main
+from inprocess import run_ranks
 from launching import launch_env, run_to_end, train_command, unique_name
 
 FLAGS = ["--data.name=synthetic", "--train.max_steps=4", "--data.test_subset=64",
@@ -29,12 +31,10 @@ def test_ddp_on_two_ranks_equals_pipemlaan_bp_replicas(tmp_path):
                                    program=["-m", "benchmarks.ddp_bp"]),
                      tmp_path / "ddp", name, env=launch_env())
     assert ddp.poll() == 0, ddp.stderr_text[-2000:]
-    ref = run_to_end(train_command(2, [*FLAGS, *BP, "--pipeline.replicas=2",
-                                       f"--run.dir={tmp_path}", f"--run.name={name}-ref"]),
-                     tmp_path / "ref", name, env=launch_env())
-    assert ref.poll() == 0, ref.stderr_text[-2000:]
+    # pipemlaan's BP as 2 replicas, its ranks in this process (tests/inprocess.py)
+    want = run_ranks([*FLAGS, *BP, "--pipeline.replicas=2", f"--run.dir={tmp_path}",
+                      f"--run.name={name}-ref"], 2)["summary"]
     got = json.loads((tmp_path / name / "summary.json").read_text())
-    want = json.loads((tmp_path / f"{name}-ref" / "summary.json").read_text())
     assert math.isclose(got["param_checksum"], want["param_checksum"], rel_tol=1e-6)
     assert got["test_top1_error"] == want["test_top1_error"]
     assert got["world_size"] == 2 and got["method"] == "bp ddp"
@@ -48,7 +48,6 @@ def test_ddp_on_two_ranks_equals_pipemlaan_bp_replicas(tmp_path):
 
 
 def test_ddp_refuses_a_batch_that_does_not_split(tmp_path, capsys, monkeypatch):
-    from benchmarks.ddp_bp import main
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main([*FLAGS, f"--run.dir={tmp_path}"]) == 2
     assert "multiple of 3" in capsys.readouterr().err
