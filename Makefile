@@ -33,7 +33,7 @@ run: setup data
 
 # Test modules run TEST_JOBS at a time (pytest-xdist), each module whole on one worker: many
 # tests wait on launches, heartbeats and timeouts, so one worker left a core idle a third of
-# the time (7:07 -> 3:36-4:33 on 2 cores).
+# the time (7:07 -> 3:36-4:33 on 2 cores; 6:14 with 2026-12-04's 643 tests).
 TEST_JOBS ?= 2
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
