@@ -21,8 +21,10 @@ back to a map, but its class token and a user's vectors cannot); config validati
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from pipemlaan.local.heads import _CrossEntropyHead
+
 
 def pool_tokens(x: torch.Tensor, pool: str) -> torch.Tensor:
     """(N, L, C) -> (N, C) by the mean over tokens or the first (class) token; (N, C) as is."""
@@ -31,16 +33,7 @@ def pool_tokens(x: torch.Tensor, pool: str) -> torch.Tensor:
     return x[:, 0] if pool == "cls" else x.mean(dim=1)
 
 
-class _TokenCrossEntropyHead(nn.Module):
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def forward(self, x, labels, images=None):
-        logits = self.logits(x)
-        return F.cross_entropy(logits, labels), logits
-
-
-class TokenHead(_TokenCrossEntropyHead):
+class TokenHead(_CrossEntropyHead):
     def __init__(self, dim: int, num_classes: int, hidden: int = 0, pool: str = "mean"):
         super().__init__()
         self.pool = pool
@@ -53,7 +46,7 @@ class TokenHead(_TokenCrossEntropyHead):
         return self.mlp(pool_tokens(self.norm(x), self.pool))
 
 
-class TokenLinearHead(_TokenCrossEntropyHead):
+class TokenLinearHead(_CrossEntropyHead):
     def __init__(self, dim: int, num_classes: int, pool: str = "mean"):
         super().__init__()
         self.pool = pool
