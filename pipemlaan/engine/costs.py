@@ -59,10 +59,6 @@ class ModuleCost:
         return 3 * (2 * self.macs * batch / flops + 4 * self.elements * batch / bandwidth
                     + self.ops * per_op)
 
-    @property
-    def training_flops(self) -> int:
-        """FLOPs of one image's training step: 2 per multiply-add, forward + 2x backward."""
-        return 6 * self.macs
 
 
 def count_module_costs(modules, image_shape: tuple[int, ...]) -> list[ModuleCost]:
