@@ -60,7 +60,6 @@ class ModuleCost:
                     + self.ops * per_op)
 
 
-
 def count_module_costs(modules, image_shape: tuple[int, ...]) -> list[ModuleCost]:
     """ModuleCost of every module, counted with one image of label 0 wherever the module's
     weights are (the host, at start-up). Modules run in eval mode, so no running statistic
