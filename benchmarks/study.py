@@ -7,6 +7,8 @@ the first window have no head of their own) and with every module headed ("NAME:
   python -m benchmarks.study --quick                        # one seed, 20k images, 1 epoch
   python -m benchmarks.study --methods dgl,dgl+mlm,dgl+lam,dgl+mlaan   # the paper's ablation
   python -m benchmarks.study --epochs 1 --jobs 2 --staleness-check --async-check
+  python -m benchmarks.study --model vit_micro --methods bp,dgl,dgl+mlaan:headed \
+      --set train.warmup_epochs=0.5 --seeds 0,1 --train-subset 20000   # a ViT
 
 Every run is a real `python -m pipemlaan.train` (single process unless --ranks > 1), same
 backbone (ResNet-20), same K, same epochs and seeds for every method, and names its MLM plan
@@ -67,7 +69,8 @@ def run(args, method: str, seed: int, ranks: int, workdir: Path, extra: tuple = 
              f"--train.epochs={args.epochs}", f"--train.batch_size={args.batch}",
              f"--train.lr={args.lr}", f"--train.seed={seed}", f"--run.dir={workdir}",
              f"--run.name={name}", "--run.progress=false", "--run.log_every=50",
-             "--run.overwrite=true", *plan_flags(method)[1], *extra]
+             "--run.overwrite=true", *plan_flags(method)[1],
+             *(f"--{kv}" for kv in args.set), *extra]
     if args.train_subset:
         flags.append(f"--data.train_subset={args.train_subset}")
     threads = 1
@@ -116,6 +119,30 @@ def _finished(run_dir: Path, flags: list[str]) -> bool:
     for cfg in (had, wanted):
         cfg.get("train", {}).pop("threads", None)
     return all(had.get(k) == v for k, v in wanted.items() if k != "run")
+
+
+# the settings that make two studies' runs of one method and seed the same experiment
+SAME_STUDY = ("model", "K", "epochs", "batch", "lr", "train_subset", "ranks", "set")
+
+
+def earlier_runs(path: Path, args) -> dict[str, list[dict]]:
+    """The runs of an earlier study's JSON, by method, refused unless it ran the same settings
+    (so a table never mixes seeds of two different experiments)."""
+    old = json.loads(path.read_text())
+    had = {k: old["args"].get(k, [] if k == "set" else None) for k in SAME_STUDY}
+    wanted = {k: getattr(args, k) for k in SAME_STUDY}
+    if had != wanted:
+        diff = ", ".join(f"{k}: {had[k]!r} there, {wanted[k]!r} here"
+                         for k in SAME_STUDY if had[k] != wanted[k])
+        raise SystemExit(f"--with-runs {path}: that study ran other settings ({diff}); "
+                         "run this one with its settings")
+    return old["runs"]
+
+
+def merged(runs: list[dict], earlier: list[dict]) -> list[dict]:
+    """This study's runs plus the earlier study's runs of seeds this one did not run, by seed."""
+    have = {r["seed"] for r in runs}
+    return sorted(runs + [r for r in earlier if r["seed"] not in have], key=lambda r: r["seed"])
 
 
 def _std(xs: list[float]) -> float:
@@ -215,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--train-subset", type=int, default=0)
     p.add_argument("--ranks", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more pipemlaan.train setting for every run (repeatable), e.g. "
+                        "--set train.warmup_epochs=0.5")
     p.add_argument("--async-check", action="store_true",
                    help="also train dgl+mlaan as a 4-rank async pipeline")
     p.add_argument("--staleness-check", action="store_true",
@@ -230,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--in-flight", dest="microbatches", type=int, default=2,
                    help="batches in flight per rank in the pipelined runs")
     p.add_argument("--timeout", type=int, default=6 * 3600)
+    p.add_argument("--with-runs", type=Path, metavar="STUDY.json",
+                   help="add the runs of an earlier study's JSON (same settings) for the seeds "
+                        "this one does not run: complete a study's seeds in a new workdir")
     p.add_argument("--report-only", action="store_true",
                    help="with --workdir: train nothing, report the runs finished there (a "
                    "method's row counts the seeds it has; a method with none is left out)")
@@ -243,10 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     chosen = args.methods.split(",")
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
     results, raw = {}, {}
+    earlier = earlier_runs(args.with_runs, args) if args.with_runs else {}
 
     def keep(label: str, runs: list) -> None:
         """A row for the runs that finished (None: not run, under --report-only)."""
-        if runs := [r for r in runs if r]:
+        if runs := merged([r for r in runs if r], earlier.get(label, [])):
             raw[label], results[label] = runs, aggregate(runs)
     with tempfile.TemporaryDirectory(prefix="pipemlaan-study-") as scratch:
         tmp = args.workdir or scratch
@@ -271,15 +305,20 @@ def main(argv: list[str] | None = None) -> int:
             keep(f"dgl+mlaan async 4 ranks, {args.microbatches} in flight",
                  [run(args, "dgl+mlaan", s, 4, Path(tmp)) for s in seeds])
     RESULTS.mkdir(parents=True, exist_ok=True)
-    base = RESULTS / f"study-fmnist-{stamp}"
+    base = RESULTS / ("study-fmnist-" + ("" if args.model == "resnet20" else f"{args.model}-")
+                      + stamp)
     base.with_suffix(".json").write_text(json.dumps(
-        {"date": stamp, "args": vars(args), "results": results, "runs": raw}, indent=1))
+        {"date": stamp, "args": {**vars(args), "with_runs": str(args.with_runs or "")},
+         "results": results, "runs": raw}, indent=1))
     lines = [f"# Fashion-MNIST method study, {stamp}", "",
              f"Command: `python -m benchmarks.study {' '.join(sys.argv[1:])}`", "",
              f"{args.model}, K={args.K}, {args.epochs} epoch(s), batch {args.batch}, lr "
              f"{args.lr}, seeds {seeds}, train subset {args.train_subset or 'all 60000'}, "
              f"test set 10000, {args.ranks} rank(s), {args.jobs} run(s) at once on "
-             f"{os.cpu_count()} CPU cores.", "",
+             f"{os.cpu_count()} CPU cores"
+             + (f", settings {', '.join(args.set)}" if args.set else "")
+             + (f"; seeds not run here are from {args.with_runs.name}" if args.with_runs else "")
+             + ".", "",
              "| method | test top-1 error, mean ± std | vs BP | seeds | every seed | by epoch "
              "(mean) | wall s | images/s | peak memory per rank (MiB) |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.study import aggregate, plan_decisions, plan_flags
+import argparse
+import json
+
+from benchmarks.study import SAME_STUDY, aggregate, earlier_runs, merged, plan_decisions, plan_flags
 
 
 def _runs(errors: list[float]) -> list[dict]:
@@ -53,3 +56,33 @@ def test_every_run_names_its_plan():
     assert plan_flags("dgl+mlaan")[1][-1] == "--method.first_modules_head=false"
     with pytest.raises(ValueError, match="unknown plan"):
         plan_flags("dgl+mlaan:all")
+
+
+def _args(**over) -> argparse.Namespace:
+    base = {"model": "resnet20", "K": 4, "epochs": 3, "batch": 128, "lr": 0.1,
+            "train_subset": 0, "ranks": 1, "set": []}
+    return argparse.Namespace(**{**base, **over})
+
+
+def test_earlier_runs_complete_the_seeds_this_study_did_not_run(tmp_path):
+    old = tmp_path / "old.json"
+    args = vars(_args())
+    del args["set"]             # a study from before --set existed ran without it
+    old.write_text(json.dumps({"args": args, "runs": {"infopro": _runs([10.0, 11.0])}}))
+    earlier = earlier_runs(old, _args())
+    new = [{**_runs([0, 0, 12.0])[2]}]                  # seed 2, run here
+    got = merged(new, earlier["infopro"])
+    assert [r["seed"] for r in got] == [0, 1, 2]
+    assert [r["test_top1_error"] for r in got] == [10.0, 11.0, 12.0]
+    # a seed run here replaces the earlier study's run of that seed
+    again = merged(_runs([7.0]), earlier["infopro"])
+    assert [r["test_top1_error"] for r in again] == [7.0, 11.0]
+
+
+@pytest.mark.parametrize("key,value", [("epochs", 1), ("lr", 0.05), ("set", ["train.lr=1"])])
+def test_earlier_runs_of_other_settings_are_refused(tmp_path, key, value):
+    assert key in SAME_STUDY
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"args": vars(_args()), "runs": {}}))
+    with pytest.raises(SystemExit, match=f"other settings.*{key}"):
+        earlier_runs(old, _args(**{key: value}))
