@@ -202,6 +202,15 @@ def describe_split(counts: list[int], costs: list[float] | None, n_items: int) -
     return f"split {counts}: " + "; ".join(parts)
 
 
+class Contiguous(nn.Module):
+    """The stage's output in contiguous memory: torch.pipelining's receiver allocates its buffer
+    with the strides the sender's output had, and gloo/NCCL receive only into contiguous tensors
+    (a ViT encoder layer returns its attention output's transposed strides). A no-op otherwise."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous()
+
+
 # ---- the run ------------------------------------------------------------------------------
 def run(args, rank: int, world: int, device: torch.device) -> dict | None:
     torch.manual_seed(args.seed)
@@ -212,7 +221,7 @@ def run(args, rank: int, world: int, device: torch.device) -> dict | None:
     if rank == 0:
         print(describe_split(counts, costs, len(items)), flush=True)
     lo, hi = stage_bounds(counts, rank)
-    submod = nn.Sequential(*items[lo:hi]).to(device)
+    submod = nn.Sequential(*items[lo:hi], Contiguous()).to(device)
     del backbone, items
 
     # Shapes are inferred on the first step (dynamic metadata inference), which is a warm-up step.
