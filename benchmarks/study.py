@@ -7,12 +7,12 @@ the first window have no head of their own) and with every module headed ("NAME:
   python -m benchmarks.study --quick                        # one seed, 20k images, 1 epoch
   python -m benchmarks.study --methods dgl,dgl+mlm,dgl+lam,dgl+mlaan   # the paper's ablation
   python -m benchmarks.study --epochs 1 --jobs 2 --staleness-check --async-check
-  python -m benchmarks.study --model vit_micro --methods bp,dgl,dgl+mlaan:headed \
-      --set train.warmup_epochs=0.5 --seeds 0,1 --train-subset 20000   # a ViT
+  python -m benchmarks.study --model vit_micro --methods bp,dgl,dgl+mlaan:headed --lr 0.05 \
+      --set train.warmup_epochs=0.3 --seeds 0,1 --train-subset 20000   # a ViT (docs/results.md#vit)
 
 Every run is a real `python -m pipemlaan.train` (single process unless --ranks > 1), same
-backbone (ResNet-20), same K, same epochs and seeds for every method, and names its MLM plan
-explicitly (so a later change of the defaults does not change a finished run). Results, as
+backbone (ResNet-20 unless --model), same K, same epochs and seeds for every method, and names
+its MLM plan explicitly (so a later change of the defaults does not change a finished run). Results, as
 JSON + Markdown in benchmarks/results/: test top-1 error, mean ± standard deviation over seeds,
 every seed, the difference to BP, the error after each epoch, wall time, images/s and per-rank
 memory; and a plot of the error by epoch (mean ± std: does a gap close with training?) beside

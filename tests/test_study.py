@@ -7,12 +7,13 @@ Run: .venv/bin/python -m pytest -q tests/test_study.py -p no:cacheprovider
 
 from __future__ import annotations
 
-import pytest
-
 import argparse
 import json
 
-from benchmarks.study import SAME_STUDY, aggregate, earlier_runs, merged, plan_decisions, plan_flags
+import pytest
+
+from benchmarks.study import (SAME_STUDY, aggregate, earlier_runs, merged, plan_decisions,
+                              plan_flags)
 
 
 def _runs(errors: list[float]) -> list[dict]:
@@ -70,8 +71,7 @@ def test_earlier_runs_complete_the_seeds_this_study_did_not_run(tmp_path):
     del args["set"]             # a study from before --set existed ran without it
     old.write_text(json.dumps({"args": args, "runs": {"infopro": _runs([10.0, 11.0])}}))
     earlier = earlier_runs(old, _args())
-    new = [{**_runs([0, 0, 12.0])[2]}]                  # seed 2, run here
-    got = merged(new, earlier["infopro"])
+    got = merged(_runs([0, 0, 12.0])[2:], earlier["infopro"])      # seed 2, run here
     assert [r["seed"] for r in got] == [0, 1, 2]
     assert [r["test_top1_error"] for r in got] == [10.0, 11.0, 12.0]
     # a seed run here replaces the earlier study's run of that seed
