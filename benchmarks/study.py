@@ -13,15 +13,16 @@ the first window have no head of their own) and with every module headed ("NAME:
 Every run is a real `python -m pipemlaan.train` (single process unless --ranks > 1), same
 backbone (ResNet-20 unless --model), same K, same epochs and seeds for every method, and names
 its MLM plan explicitly (so a later change of the defaults does not change a finished run).
-Results, as JSON + Markdown in benchmarks/results/: test top-1 error, mean ± standard
-deviation over seeds, every seed, the difference to BP, the error after each epoch, wall time, images/s and per-rank
-memory; and a plot of the error by epoch (mean ± std: does a gap close with training?) beside
-every module head's test accuracy (the paper's Figure 5 shape). `--resume` with `--workdir`
-keeps finished runs of the same configuration, so a study cut short goes on where it stopped.
-`--async-check` also trains dgl+mlaan as a 4-rank async pipeline; `--staleness-check` trains it
-in one process that emulates that pipeline exactly (pipeline.emulate_async). `--jobs J` runs J
-single-process runs at once with cpu_count/J threads each (runs are independent, so this only
-changes wall time and images/s, which are then per-run figures under shared cores).
+Results, as JSON + Markdown in benchmarks/results/: test top-1 error, mean ± standard deviation
+over seeds, every seed, the difference to BP, the error after each epoch, wall time, images/s
+and per-rank memory; and a plot of the error by epoch (mean ± std: does a gap close with
+training?) beside every module head's test accuracy (the paper's Figure 5 shape). `--resume`
+with `--workdir` keeps finished runs of the same configuration, so a study cut short goes on
+where it stopped. `--async-check` also trains dgl+mlaan as a 4-rank async pipeline;
+`--staleness-check` trains it in one process that emulates that pipeline exactly
+(pipeline.emulate_async). `--jobs J` runs J single-process runs at once with cpu_count/J threads
+each (runs are independent, so this only changes wall time and images/s, which are then per-run
+figures under shared cores).
 """
 
 from __future__ import annotations
