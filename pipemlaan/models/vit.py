@@ -18,14 +18,17 @@ channels, initialised as torchvision initialises its own.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision.models import VisionTransformer, vit_b_16
 
 from pipemlaan.errors import ConfigError
 from pipemlaan.models.registry import BuildArgs, register
 from pipemlaan.models.resnet import Backbone, BlockInfo
+
+if TYPE_CHECKING:     # torchvision.models is imported when a ViT is built: 2 s of every start
+    from torchvision.models import VisionTransformer
 
 # name -> (patch, width, depth, heads)
 VIT_SHAPES = {
@@ -51,6 +54,7 @@ class ViTStem(nn.Module):
         self.dropout = vit.encoder.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from torchvision.models import VisionTransformer
         x = VisionTransformer._process_input(self, x)
         x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
         return self.dropout(x + self.pos_embedding)
@@ -90,6 +94,7 @@ def build_vit(name: str, args: BuildArgs) -> Backbone:
         raise ConfigError(f"model.name={name} takes square images whose side is a multiple of "
                           f"its patch {patch}; these are {h}x{w} (data.synthetic_image or "
                           f"another dataset)")
+    from torchvision.models import VisionTransformer, vit_b_16
     if name == "vit_b_16":
         vit = vit_b_16(weights=None, num_classes=args.num_classes, image_size=h)
     else:
