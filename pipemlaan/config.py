@@ -197,6 +197,11 @@ class PipelineConfig:
                            "rank applies its own losses' gradient at once (one more backward "
                            "of its body per step) and the late window gradient with the next "
                            "batch's update (docs/method.md#async-staleness)")
+    stale_lr: float = _f(1.0, "async: learning-rate multiplier for the bodies whose update "
+                         "comes in_flight-1 steps late (their window gradient crosses a rank); "
+                         "1 = as every other module (docs/method.md#async-staleness)")
+    stale_momentum: float = _f(-1.0, "async: SGD momentum of the bodies whose update comes "
+                               "late; -1 = train.momentum (docs/method.md#async-staleness)")
     lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")
     timeout_s: float = _f(120.0, "seconds any wait on a peer may take before the run stops "
                           "with an error naming that peer")
@@ -443,6 +448,11 @@ def validate(cfg: Config) -> None:
                           f"device's dense peak TFLOP/s")
     if p.in_flight < 1:
         raise ConfigError(f"pipeline.in_flight={p.in_flight}: must be at least 1")
+    if not p.stale_lr > 0:
+        raise ConfigError(f"pipeline.stale_lr={p.stale_lr}: must be above 0 (1 = off)")
+    if not (p.stale_momentum == -1 or 0 <= p.stale_momentum < 1):
+        raise ConfigError(f"pipeline.stale_momentum={p.stale_momentum}: use -1 (train.momentum) "
+                          f"or a momentum in [0, 1)")
     if p.lam_sync_every < 1:
         raise ConfigError(f"pipeline.lam_sync_every={p.lam_sync_every}: must be at least 1")
     if p.replicas < 1:

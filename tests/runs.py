@@ -151,6 +151,12 @@ _PRED = [*ASYNC, *MLAAN, "--pipeline.in_flight=2", "--pipeline.predict_weights=t
 TRAIN_RUNS["async-2-mb2-pred"] = (2, [*_PRED, _partition(2)])
 TRAIN_RUNS["emulate-2-mb2-pred"] = (1, [*_PRED, _partition(2).replace("partition",
                                                                          "emulate_async")])
+# the late bodies' steps retuned (engine/stage.py [Note: stale steps]), pipeline and emulated
+_STALE = [*ASYNC, *MLAAN, "--pipeline.in_flight=2", "--pipeline.stale_lr=0.5",
+          "--pipeline.stale_momentum=0.95"]
+TRAIN_RUNS["async-4-mb2-stale"] = (4, [*_STALE, _partition(4)])
+TRAIN_RUNS["emulate-4-mb2-stale"] = (1, [*_STALE, _partition(4).replace("partition",
+                                                                          "emulate_async")])
 # the reference plan (modules 0 and 1 without a head, the first window over modules 0-2)
 _DEFAULTS = ("--method.first_modules_head=true", "--method.heads=compact")
 REF_PLAN = [a for a in LOCKSTEP if a not in _DEFAULTS] + MLAAN

@@ -208,6 +208,16 @@ def test_weight_prediction_changes_the_run_the_same_way_emulated(runs):
     check_async_trains(pred, 2)
 
 
+@needs(lambda: ["async-4-mb2-stale", "emulate-4-mb2-stale", "async-4-mb2"])
+def test_stale_steps_change_the_run_the_same_way_emulated(runs):
+    """pipeline.stale_lr / stale_momentum retune the late bodies' steps: the run changes,
+    trains, and the one-process emulation retunes the same modules (equal bit for bit)."""
+    got = runs.get("async-4-mb2-stale")
+    assert_params_identical(got, runs.get("emulate-4-mb2-stale"), K)
+    assert states_differ(got, runs.get("async-4-mb2"), K)
+    check_async_trains(got, 4)
+
+
 @pytest.mark.parametrize("ranks", [2, 3])
 @needs(lambda ranks: ["ref-refplan", f"lock-refplan-{ranks}"])
 def test_reference_plan_lockstep_equals_single_process(runs, ranks):

@@ -1,5 +1,6 @@
 """benchmarks/staleness.py: each variant's runs are paired by seed with the single process of
-the same plan, and the table says mean ± std of the error and of the paired gap.
+the same plan, and the table says mean ± std of the error and of the paired gap; and the
+optimizer groups pipeline.stale_lr / stale_momentum retune are exactly the late bodies'.
 
 Run: OMP_NUM_THREADS=1 .venv/bin/python -m pytest tests/test_staleness.py -q
 """
@@ -10,6 +11,7 @@ import json
 from argparse import Namespace
 
 import pytest
+import torch
 
 from benchmarks import staleness
 
@@ -36,3 +38,37 @@ def test_gaps_are_paired_by_seed_within_a_plan(tmp_path):
     assert rows["async:ref"]["gap"]["mean"] == pytest.approx(0.25)    # against single:ref
     assert rows["window"]["gap"] == {"mean": pytest.approx(1.0), "std": 0.0, "n": 1}
     assert rows["single"]["gap"] is None and rows["single"]["test_error"]["mean"] == 20.5
+
+
+# ---- [Note: stale steps]: which optimizer groups pipeline.stale_lr / stale_momentum retune ----
+def _stage_groups(flags, emulate=None):
+    from pipemlaan.config import load_config
+    from pipemlaan.data import DatasetSpec
+    from pipemlaan.engine.stage import Stage
+    from pipemlaan.local.module import build_local_modules, window_plan
+    spec = DatasetSpec("synthetic", 3, (8, 8), 10, (0.0,) * 3, (1.0,) * 3)
+    cfg = load_config(None, ["--model.name=resnet8", "--model.K=4", "--method.name=dgl",
+                             "--method.mlm=true", "--method.lam=true",
+                             "--method.first_modules_head=true", *flags])
+    _, mods = build_local_modules(cfg, spec)
+    stage = Stage(cfg, mods, window_plan(cfg, len(mods)), torch.device("cpu"), emulate=emulate)
+    return {k: [(g["lr_mult"], g["momentum"], g["nesterov"]) for g in opt.param_groups]
+            for k, opt in stage.optimizers.items()}
+
+
+def test_stale_steps_retune_only_the_bodies_whose_update_comes_late():
+    retune = ["--pipeline.stale_lr=0.5", "--pipeline.stale_momentum=0.95"]
+    plain = _stage_groups([])
+    late = _stage_groups(retune, emulate=([2, 2], 2))     # 2 ranks, 2 in flight
+    # module 1's window gradient comes from rank 1: its body steps late, and only its body
+    assert late[1][0] == (0.5, 0.95, True) and late[1][1:] == plain[1][1:]
+    # module 0's windows close on its own rank, and rank 1's modules never wait
+    for k in (0, 2, 3):
+        assert late[k] == plain[k], k
+    assert all(g[1:] == (0.9, True) for groups in plain.values() for g in groups)
+    # one in flight: nothing is late, nothing is retuned; nor in a plain single process
+    assert _stage_groups(retune, emulate=([2, 2], 1)) == plain
+    assert _stage_groups(retune) == plain
+    # momentum 0 turns Nesterov off for that group (torch refuses Nesterov without momentum)
+    assert _stage_groups(["--pipeline.stale_momentum=0"], emulate=([1, 1, 1, 1], 2))[0][0] \
+        == (1.0, 0.0, False)

@@ -115,6 +115,9 @@ class Stage:
         # [Note: weight prediction] steps by which a stashed module's update lags its forward
         self._ahead = ((self._delay if emulate is not None else cfg.pipeline.in_flight - 1)
                        if cfg.pipeline.predict_weights and cfg.train.momentum > 0 else 0)
+        if self._lag > 0:      # [Note: stale steps]
+            for k in self.stashed:
+                self.updates.retune_body(k, cfg.pipeline.stale_lr, cfg.pipeline.stale_momentum)
         self.pending: dict[tuple[int, int], _Pending] = {}
         self.losses: dict[int, torch.Tensor] = {}
         self.tracker = saved_tracker
@@ -217,6 +220,12 @@ class Stage:
             self._maybe_finalize(step, k)
         return out
 
+    # [Note: stale steps] A gradient taken a step before it is applied makes momentum SGD
+    # unstable at a far smaller learning rate (on a quadratic, Nesterov 0.9: lr x curvature
+    # below 0.26 instead of 1.36), so pipeline.stale_lr and pipeline.stale_momentum retune the
+    # body's step of each module whose update comes late (the stashed ones, when batches are in
+    # flight). Heads step at once and keep train's settings; the emulation retunes the same
+    # modules, so it still equals the pipeline.
     # [Note: weight prediction] A stashed module's update for batch t lands `_ahead` steps
     # after its forward of t, so its gradient is taken at weights that many updates old. With
     # pipeline.predict_weights the forward runs on w - ahead * lr * v (v: the momentum buffer,

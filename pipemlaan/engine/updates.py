@@ -47,6 +47,15 @@ class Updates:
         self._step_dev: torch.Tensor | None = None
         self._lr_mults: list[float] = []
 
+    def retune_body(self, k: int, lr_scale: float, momentum: float) -> None:
+        """Module k's body steps with lr x lr_scale and, when momentum >= 0, that momentum
+        ([Note: stale steps] in engine/stage.py)."""
+        group = self.optimizers[k].param_groups[0]          # the body's (module.param_groups)
+        group["lr_mult"] *= lr_scale
+        if momentum >= 0:
+            group["nesterov"] = group["nesterov"] and momentum > 0
+            group["momentum"] = momentum
+
     def heads(self, k: int, finite: torch.Tensor, lr: float, step: int) -> torch.Tensor:
         """Module k's heads take their step; returns whether it was taken (a device flag)."""
         return self._guarded_step(k, self.head_params[k], finite, lr, step)
