@@ -197,9 +197,10 @@ class PipelineConfig:
                            "rank applies its own losses' gradient at once (one more backward "
                            "of its body per step) and the late window gradient with the next "
                            "batch's update (docs/method.md#async-staleness)")
-    stale_lr: float = _f(1.0, "async: learning-rate multiplier for the bodies whose update "
-                         "comes in_flight-1 steps late (their window gradient crosses a rank); "
-                         "1 = as every other module (docs/method.md#async-staleness)")
+    stale_lr: float = _f(0.5, "async: learning-rate multiplier for the bodies whose update "
+                         "comes in_flight-1 steps late (their window gradient crosses a rank): "
+                         "halved, a delayed step is unstable at a smaller lr; 1 = as every "
+                         "other module (docs/method.md#async-staleness)")
     stale_momentum: float = _f(-1.0, "async: SGD momentum of the bodies whose update comes "
                                "late; -1 = train.momentum (docs/method.md#async-staleness)")
     lam_sync_every: int = _f(1, "steps between LAM weight broadcasts from owner to twin ranks")

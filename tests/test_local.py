@@ -469,7 +469,8 @@ def test_local_first_steps_a_late_module_on_its_own_losses_at_once(local_first):
     forward used (the stashed ones)."""
     cfg = make_cfg(**METHODS["dgl+mlaan"], extra=NO_MOMENTUM + (
         "method.first_modules_head=true", "pipeline.in_flight=2",
-        f"pipeline.local_first={str(local_first).lower()}"))
+        # the late bodies at train's lr, so a step is the gradient ([Note: stale steps] apart)
+        "pipeline.stale_lr=1", f"pipeline.local_first={str(local_first).lower()}"))
     spec = dataset_spec(cfg.data)
     _, mods = build_local_modules(cfg, spec)
     for m in mods:

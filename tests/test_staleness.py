@@ -69,6 +69,10 @@ def test_stale_steps_retune_only_the_bodies_whose_update_comes_late():
     # one in flight: nothing is late, nothing is retuned; nor in a plain single process
     assert _stage_groups(retune, emulate=([2, 2], 1)) == plain
     assert _stage_groups(retune) == plain
+    # the default: the late body's learning rate halved, its momentum train's
+    default = _stage_groups([], emulate=([2, 2], 2))
+    assert default[1][0] == (0.5, 0.9, True) and default[1][1:] == plain[1][1:]
+    assert _stage_groups(["--pipeline.stale_lr=1"], emulate=([2, 2], 2)) == plain
     # momentum 0 turns Nesterov off for that group (torch refuses Nesterov without momentum)
     assert _stage_groups(["--pipeline.stale_momentum=0"], emulate=([1, 1, 1, 1], 2))[0][0] \
-        == (1.0, 0.0, False)
+        == (0.5, 0.0, False)
