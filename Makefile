@@ -33,7 +33,8 @@ run: setup data
 
 # Test modules run TEST_JOBS at a time (pytest-xdist), each module whole on one worker: many
 # tests wait on launches, heartbeats and timeouts, so one worker left a core idle a third of
-# the time (7:07 -> 3:36-4:33 on 2 cores; 6:14 with 2026-12-04's 643 tests).
+# the time (7:07 -> 3:36-4:33 on 2 cores; 6:14 with 2026-12-04's 643 tests, 5:00 with 650 once
+# a ViT's torchvision import was lazy, inductor's kernel cache warm: a fresh machine adds ~50 s).
 TEST_JOBS ?= 2
 test: setup
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile $(ARGS)
