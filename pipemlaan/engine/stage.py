@@ -226,6 +226,7 @@ class Stage:
     # body's step of each module whose update comes late (the stashed ones, when batches are in
     # flight). Heads step at once and keep train's settings; the emulation retunes the same
     # modules, so it still equals the pipeline.
+
     # [Note: weight prediction] A stashed module's update for batch t lands `_ahead` steps
     # after its forward of t, so its gradient is taken at weights that many updates old. With
     # pipeline.predict_weights the forward runs on w - ahead * lr * v (v: the momentum buffer,
@@ -235,7 +236,7 @@ class Stage:
         if not self._ahead:
             return {n: p.clone() for n, p in mod.body.named_parameters()}
         opt = self.optimizers[k]
-        scale = -self._ahead * lr * opt.param_groups[0]["lr_mult"]     # the body's group
+        scale = -self._ahead * lr * self.updates.body_group(k)["lr_mult"]
         return {n: torch.add(p, opt.state[p]["momentum_buffer"], alpha=scale)
                 for n, p in mod.body.named_parameters()}
 

@@ -47,10 +47,14 @@ class Updates:
         self._step_dev: torch.Tensor | None = None
         self._lr_mults: list[float] = []
 
+    def body_group(self, k: int) -> dict:
+        """Module k's body's optimizer group (the first: LocalModule.param_groups)."""
+        return self.optimizers[k].param_groups[0]
+
     def retune_body(self, k: int, lr_scale: float, momentum: float) -> None:
         """Module k's body steps with lr x lr_scale and, when momentum >= 0, that momentum
         ([Note: stale steps] in engine/stage.py)."""
-        group = self.optimizers[k].param_groups[0]          # the body's (module.param_groups)
+        group = self.body_group(k)
         group["lr_mult"] *= lr_scale
         if momentum >= 0:
             group["nesterov"] = group["nesterov"] and momentum > 0
